@@ -1,0 +1,246 @@
+"""``Embedder.encode``: items in, L2-normalised vectors out, reasoning only where asked or chosen.
+
+Modes:
+  direct  one forward over prompt + <emb>.
+  reason  prefill prompt + <think>, write the rationale on the cache, close it, feed <emb>.
+  auto    one forward over prompt + <emb>; p(<think>) is read at the last prompt position. Rows
+          under the threshold keep the <emb> they already have (exactly the cost of direct mode);
+          the others drop that one cache slot and continue with <think> on the same cache.
+          With a plug-in gate, the gate decides before the prefill instead.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbone import Backbone, load_backbone
+from .generation import Reasoner, SamplingConfig
+from .items import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Item, ItemError, as_items, load_visuals
+from .prompts import EMB, THINK, render_prompt
+
+MODES = ("direct", "reason", "auto")
+WINDOW_BATCHES = 16  # batches whose images are held in memory at once
+
+
+@dataclass
+class Encoded:
+    """The result of :meth:`Embedder.encode`, aligned with the input items.
+
+    Items that failed (``on_error="skip"``) have ``ok[i] == False``, an all-zero vector and an
+    entry in ``errors``.
+    """
+
+    embeddings: np.ndarray  # (N, D) float32, L2-normalised
+    reasoned: np.ndarray  # (N,) bool
+    rationales: list[str | None]
+    rationale_token_ids: list[list[int] | None]  # exactly what the model wrote between <think> and </think>
+    p_think: np.ndarray  # (N,) float: the decision probability p(<think>) vs p(<emb>)
+    prompt_tokens: np.ndarray  # (N,) int
+    generated_tokens: np.ndarray  # (N,) int: <think> ... </think> (0 in direct mode)
+    ok: np.ndarray  # (N,) bool
+    errors: list[ItemError] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens_processed: int = 0  # every token position the model computed
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def summary(self) -> str:
+        n = len(self)
+        share = float(self.reasoned[self.ok].mean()) if self.ok.any() else 0.0
+        return (f"{n} items ({int((~self.ok).sum())} failed), {share:.1%} reasoned, "
+                f"{int(self.prompt_tokens.sum())} prompt + {int(self.generated_tokens.sum())} generated tokens, "
+                f"{self.seconds:.2f}s")
+
+
+class Embedder:
+    """Embeds items with a backbone; optional plug-in gate for the think / no-think decision."""
+
+    def __init__(self, backbone: Backbone, gate: Any = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.backbone = backbone
+        self.gate = gate
+        self.max_image_pixels = max_image_pixels
+        self._reasoner: Reasoner | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str, gate: Any = None, **opts) -> "Embedder":
+        """Load a checkpoint folder (see :func:`mmemb.backbone.load_backbone` for options).
+
+        A gate saved in ``<path>/gate`` is loaded when ``gate="auto"``.
+        """
+        max_image_pixels = opts.pop("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+        backbone = load_backbone(path, **opts)
+        if gate == "auto":
+            gate = None
+            if (Path(path) / "gate").is_dir():
+                from .train.gate import load_gate
+
+                gate = load_gate(Path(path) / "gate")
+        return cls(backbone, gate=gate, max_image_pixels=max_image_pixels)
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.hidden_size
+
+    @property
+    def reasoner(self) -> Reasoner:
+        if self._reasoner is None:
+            self._reasoner = Reasoner(self.backbone)
+        return self._reasoner
+
+    def encode(
+        self,
+        items: Iterable[Any],
+        mode: str = "direct",
+        batch_size: int = 32,
+        max_reasoning_tokens: int = 128,
+        max_reasoning_steps: int | None = None,
+        think_threshold: float = 0.5,
+        temperature: float = 0.0,
+        show_progress: bool = False,
+        on_error: str = "raise",
+    ) -> Encoded:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError("on_error must be 'raise' or 'skip'")
+        start = time.perf_counter()
+        items = as_items(items)
+        n, dim = len(items), self.dim
+        res = Encoded(
+            embeddings=np.zeros((n, dim), np.float32), reasoned=np.zeros(n, bool), rationales=[None] * n,
+            rationale_token_ids=[None] * n,
+            p_think=np.zeros(n, np.float32), prompt_tokens=np.zeros(n, np.int64),
+            generated_tokens=np.zeros(n, np.int64), ok=np.zeros(n, bool),
+        )
+        sampling = SamplingConfig(max_tokens=max_reasoning_tokens, max_steps=max_reasoning_steps, temperature=temperature)
+
+        # Images are opened one window at a time (bounded memory); within a window, similar
+        # lengths go together (less padding; results do not depend on it).
+        window = batch_size * WINDOW_BATCHES
+        was_training = self.backbone.training
+        self.backbone.eval()
+        bar = tqdm(total=n, desc=f"encode ({mode})", disable=not show_progress, unit="item")
+        try:
+            for w0 in range(0, n, window):
+                prepared: list[tuple[int, str, tuple]] = []
+                for i in range(w0, min(n, w0 + window)):
+                    try:
+                        prepared.append((i, render_prompt(self.backbone.processor, items[i]),
+                                         load_visuals(items[i], self.max_image_pixels)))
+                    except (ImageError, ItemError) as e:
+                        self._fail(res, i, items[i], e, on_error)
+                prepared.sort(key=lambda p: -_length_key(p[1], p[2]))
+                for b0 in range(0, len(prepared), batch_size):
+                    batch = prepared[b0:b0 + batch_size]
+                    self._encode_batch_safely(items, batch, mode, think_threshold, sampling, res, on_error)
+                    bar.update(len(batch))
+                bar.update(min(n, w0 + window) - w0 - len(prepared))
+        finally:
+            bar.close()
+            self.backbone.train(was_training)
+        res.seconds = time.perf_counter() - start
+        return res
+
+    # ---- internals -------------------------------------------------------------------------
+    def _fail(self, res: Encoded, i: int, item: Item, err: Exception, on_error: str) -> None:
+        reason = err.reason if isinstance(err, ItemError) else str(err)
+        error = ItemError(i, item.id, reason)
+        if on_error == "raise":
+            raise error from None
+        res.errors.append(error)
+
+    def _encode_batch_safely(self, items, batch, mode, threshold, sampling, res, on_error) -> None:
+        try:
+            self._encode_batch(batch, mode, threshold, sampling, res)
+        except (ValueError, RuntimeError) as e:
+            if len(batch) == 1:
+                self._fail(res, batch[0][0], items[batch[0][0]], e, on_error)
+            else:  # isolate the item that broke the batch; the others still get their vectors
+                for one in batch:
+                    self._encode_batch_safely(items, [one], mode, threshold, sampling, res, on_error)
+
+    @torch.no_grad()
+    def _encode_batch(self, batch, mode: str, threshold: float, sampling: SamplingConfig, res: Encoded) -> None:
+        bb = self.backbone
+        idx = [b[0] for b in batch]
+        prompts = [b[1] for b in batch]
+        visuals = [b[2] for b in batch]
+        gate_p = None
+        if mode == "auto" and self.gate is not None:
+            gate_p = self.gate.p_think([b[1] for b in batch], visuals, bb)
+            suffix = [THINK if p >= threshold else EMB for p in gate_p]
+        else:
+            suffix = [THINK if mode == "reason" else EMB] * len(batch)
+        inputs = bb.prepare([p + s for p, s in zip(prompts, suffix)], visuals)
+        positions, next_pos = bb.rope_positions(inputs)
+        B, L = inputs["input_ids"].shape
+        rows = torch.arange(B, device=bb.device)
+        need_cache = mode != "direct"
+        cache = _new_cache(bb) if need_cache else None
+        # Logits at the last prompt position (the decision) and at the last position (what follows).
+        index = (torch.cat([rows, rows]), torch.cat([torch.full_like(rows, L - 2), torch.full_like(rows, L - 1)]))
+        out = bb(inputs, positions, cache=cache, logits_index=index)
+        decision_logits, next_logits = out.logits[:B], out.logits[B:]
+        p_think = torch.softmax(decision_logits[:, [bb.ids.think, bb.ids.emb]], dim=-1)[:, 0]
+        if gate_p is not None:
+            p_think = torch.as_tensor(gate_p, dtype=torch.float32, device=bb.device)
+        prompt_len = inputs["attention_mask"].sum(1) - 1
+        emb = out.hidden[:, -1].float()
+        think = torch.zeros(B, dtype=torch.bool, device=bb.device)
+        if mode == "reason":
+            think[:] = True
+        elif mode == "auto":
+            think = p_think >= threshold
+        res.tokens_processed += int(inputs["attention_mask"].sum())
+
+        if think.any():
+            sel = torch.nonzero(think).flatten()
+            mask = inputs["attention_mask"]
+            prefill_ends_in_think = mode == "reason" or gate_p is not None
+            if prefill_ends_in_think:
+                # The prefill ends in <think>: continue from its logits.
+                cache.batch_select_indices(sel)
+                result = self.reasoner.run(cache, mask[sel], next_pos[sel], next_logits[sel], sampling, True)
+            else:
+                # The prefill ends in <emb>: drop that slot, feed <think> in its place.
+                cache.crop(-1)
+                cache.batch_select_indices(sel)
+                first = torch.full((sel.numel(),), bb.ids.think, dtype=torch.long, device=bb.device)
+                result = self.reasoner.run(cache, mask[sel, :-1], next_pos[sel] - 1, first, sampling, False)
+            emb[sel] = result.embeddings
+            texts = bb.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
+            for k, r in enumerate(sel.tolist()):
+                i = idx[r]
+                res.rationales[i] = texts[k].strip()
+                res.rationale_token_ids[i] = result.tokens[k]
+                res.generated_tokens[i] = len(result.tokens[k]) + 2  # <think> ... </think>
+                # rationale + </think> + <emb>, plus <think> where the prefill ended in <emb>
+                res.tokens_processed += len(result.tokens[k]) + (2 if prefill_ends_in_think else 3)
+        emb = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+        for r, i in enumerate(idx):
+            res.embeddings[i] = emb[r]
+            res.reasoned[i] = bool(think[r])
+            res.p_think[i] = float(p_think[r])
+            res.prompt_tokens[i] = int(prompt_len[r])
+            res.ok[i] = True
+
+
+def _new_cache(bb: Backbone):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=bb.config.text_config)
+
+
+def _length_key(prompt: str, visuals: tuple) -> int:
+    images, frames = visuals
+    pixels = sum(im.width * im.height for im in images) + sum(f.width * f.height for f in frames or [])
+    return len(prompt) + pixels // 64
+
