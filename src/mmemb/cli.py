@@ -1,0 +1,71 @@
+"""The ``mmemb`` command: one verb per job. Heavy imports happen inside each verb."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    help="mmemb: multimodal embeddings from a multimodal LLM that reasons only when reasoning helps.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command("init-backbone")
+def init_backbone(
+    out: Path = typer.Option(..., "--out", help="Folder to write the checkpoint to."),
+    arch: str = typer.Option("qwen3_vl", help="qwen2_vl | qwen2_5_vl | qwen3_vl"),
+    size: str = typer.Option("tiny", help="tiny (~0.7M params) | small | 4b (Qwen3-VL-4B shape, random weights)"),
+    corpus: Optional[Path] = typer.Option(None, help="Text file (one line per sample) to train the tokenizer on; "
+                                                     "default: MiniMMEB's vocabulary."),
+    vocab_size: int = typer.Option(640, help="Target BPE vocabulary size."),
+    seed: int = typer.Option(0),
+):
+    """Build a randomly initialised backbone of a real Qwen-VL class, offline, loadable with Auto* classes."""
+    from .tiny import build_tiny_backbone
+
+    lines = corpus.read_text(encoding="utf-8").splitlines() if corpus else None
+    path = build_tiny_backbone(arch, out, size=size, corpus=lines, vocab_size=vocab_size, seed=seed)
+    typer.echo(f"wrote {arch} ({size}) backbone to {path}")
+
+
+@app.command()
+def encode(
+    model: str = typer.Option(..., help="Checkpoint folder (or hub name when the hub is reachable)."),
+    input: Path = typer.Option(..., "--input", help="JSONL: one item per line, e.g. "
+                                                    '{"id": "q1", "text": "...", "image": "img.png", "instruction": "..."}'),
+    output: Path = typer.Option(..., help="Output prefix: writes OUTPUT.npy (vectors) and OUTPUT.jsonl (per item)."),
+    mode: str = typer.Option("auto", help="direct | reason | auto"),
+    batch_size: int = typer.Option(32),
+    think_threshold: float = typer.Option(0.5, help="auto mode: reason when p(<think>) >= this."),
+    max_reasoning_tokens: int = typer.Option(128),
+    max_reasoning_steps: Optional[int] = typer.Option(None, help="Stop reasoning after this many sentences."),
+    on_error: str = typer.Option("skip", help="skip: report bad items and go on | raise: stop at the first."),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto"),
+):
+    """Encode items from a JSONL file (resumable: rerun after a kill to continue)."""
+    from .embedder import Embedder
+    from .encode_job import run_encode
+
+    start = time.perf_counter()
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
+    s = run_encode(embedder, input, output, mode=mode, batch_size=batch_size, think_threshold=think_threshold,
+                   max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
+                   on_error=on_error, show_progress=True)
+    typer.echo(f"{s['items']} items, {s['failed']} failed, {s['reasoned_share']:.1%} reasoned, "
+               f"{s['prompt_tokens']} prompt + {s['generated_tokens']} generated tokens, "
+               f"{time.perf_counter() - start:.1f}s")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
