@@ -117,3 +117,16 @@ def test_skip_keeps_other_vectors(embedders, good_png, tmp_path):
     assert "exceeds the limit" in reasons["huge"] and "not found" in reasons["missing"]
     np.testing.assert_allclose(r.embeddings[[1, 3, 5]], ref.embeddings, atol=1e-5)
     assert not r.embeddings[[0, 2, 4, 6]].any()
+
+
+def test_pair_json_round_trip(tmp_path):
+    from mmemb.items import Pair
+
+    pair = Pair(query=Item(text="q", images=["a.png"], rationale="digits 1 2."), positive=Item(text="3"),
+                negatives=[Item(text="4")], dataset="DigitSum", id="p1", label="reason", meta={"digits": [1, 2]})
+    row = pair.to_json()
+    back = Pair.from_json(row, root=tmp_path)
+    assert back.query.images == [str(tmp_path / "a.png")] and back.query.rationale == "digits 1 2."
+    assert back.label == "reason" and back.meta == {"digits": [1, 2]} and back.negatives[0].text == "4"
+    with pytest.raises(ValueError, match="no 'positive'"):
+        Pair.from_json({"query": {"text": "q"}})

@@ -117,13 +117,45 @@ class Item:
 
 @dataclass
 class Pair:
-    """A training pair: a query, its positive target, optional hard negatives."""
+    """A training pair: a query, its positive target, optional hard negatives.
+
+    ``label`` is the counterfactual selection's verdict (``"reason"`` / ``"direct"``) when known;
+    a selected rationale travels as ``query.rationale``.
+    """
 
     query: Item
     positive: Item
     negatives: list[Item] = field(default_factory=list)
     dataset: str = "default"
     id: str | None = None
+    label: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "dataset": self.dataset, "query": self.query.to_json(),
+                               "positive": self.positive.to_json()}
+        if self.negatives:
+            out["negatives"] = [n.to_json() for n in self.negatives]
+        if self.label is not None:
+            out["label"] = self.label
+        if self.meta:
+            out["meta"] = self.meta
+        return out
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any], root: str | os.PathLike | None = None) -> "Pair":
+        for key in ("query", "positive"):
+            if key not in row:
+                raise ValueError(f"pair row has no {key!r}")
+        return cls(
+            query=Item.from_json(row["query"], root),
+            positive=Item.from_json(row["positive"], root),
+            negatives=[Item.from_json(n, root) for n in row.get("negatives", [])],
+            dataset=row.get("dataset", "default"),
+            id=None if row.get("id") is None else str(row["id"]),
+            label=row.get("label"),
+            meta=dict(row.get("meta") or {}),
+        )
 
 
 @dataclass
