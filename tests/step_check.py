@@ -1,0 +1,39 @@
+"""One plain and one GradCache training step on a fixed batch: losses and gradients (shared by the tests
+and by the 2-process script dist_train_check.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from mmemb.backbone import load_backbone
+from mmemb.train.config import load_config
+from mmemb.train.data import BatchPlan, StepLoader, open_sources
+from mmemb.train.losses import JointObjective
+from mmemb.train.step import Encoder, TrainStep
+from mmemb.train.trainer import build_accelerator
+
+BATCH = 8
+
+
+def step_results(model_path: str, data: str, distributed: bool = False, chunks=(0, 3), overrides=()):
+    """{chunk: (terms, {param: grad})} for a plain step (chunk 0) and GradCache steps."""
+    cfg = load_config(None, [f"model={model_path}", "output_dir=unused", f"datasets=[{data}]",
+                             f"batch_size={BATCH}", "hard_negatives=2", "loss.temperature=0.05", *overrides])
+    accelerator = build_accelerator(cfg)
+    # float64: the comparisons test the algorithm, not float32 rounding of a different summation order
+    backbone = load_backbone(model_path, dtype=torch.float64)
+    backbone.train()
+    model = accelerator.prepare(Encoder(backbone)) if distributed else Encoder(backbone)
+    sources = open_sources(cfg.datasets)
+    plan = BatchPlan([len(s) for s in sources], [1.0], BATCH, False, seed=0)
+    loader = StepLoader(sources, plan, backbone.processor, accelerator.process_index, accelerator.num_processes,
+                        cfg.hard_negatives)
+    batch = loader[0]
+    results = {}
+    for chunk in chunks:
+        step = TrainStep(accelerator, model, backbone, JointObjective(cfg.loss), chunk_size=chunk)
+        stats = step(batch)
+        grads = {n: p.grad.detach().clone() for n, p in backbone.named_parameters() if p.grad is not None}
+        backbone.zero_grad(set_to_none=True)
+        results[chunk] = (stats.terms, grads, stats.pairs, stats.skipped)
+    return results, accelerator
