@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,8 +18,8 @@ from tqdm.auto import tqdm
 
 from ..backbone import load_backbone
 from ..fileio import write_json
-from .checkpoint import (STATE_DIR, checkpoint_step, latest_checkpoint, list_checkpoints, save_checkpoint, save_final,
-                         trainable_weights_only)
+from .checkpoint import (STATE_DIR, checkpoint_step, export_model, latest_checkpoint, list_checkpoints,
+                         save_checkpoint, save_final, shared_atomic_dir, trainable_weights_only)
 from .config import TrainConfig, load_config
 from .data import BatchPlan, StepLoader, local_batches, open_sources
 from .feedback import TrainLog, plot_losses
@@ -36,101 +37,123 @@ class RunExists(RuntimeError):
 
 
 def train(config: TrainConfig | str | Path, overrides: Sequence[str] = (), resume: bool = False) -> Path:
-    """Train as the config says; with ``resume``, continue from the latest checkpoint in ``output_dir``."""
-    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
-    accelerator = build_accelerator(cfg)
-    out = Path(cfg.output_dir)
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None and not resume:
-        raise RunExists(f"{out} already holds checkpoints (latest {ckpt.name}); pass --resume to continue that run "
-                        f"or choose another output_dir")
-    if not resume:
-        ckpt = None
+    """Train as the config says and return the final model folder (``output_dir/model``).
 
-    from accelerate.utils import set_seed
+    With ``resume``, continue from the latest checkpoint in ``output_dir``.
+    """
+    return Trainer(config, overrides, resume=resume).run()
 
-    set_seed(cfg.seed)
-    weights_dtype = torch.bfloat16 if _use_bf16(cfg) and cfg.lora.enabled else torch.float32
-    backbone = load_backbone(cfg.model, dtype=weights_dtype, device=accelerator.device,
-                             attn_implementation=cfg.attn_implementation, min_pixels=cfg.min_pixels,
-                             max_pixels=cfg.max_pixels)
-    configure_parameters(backbone, cfg)
-    backbone.train()
 
-    sources = open_sources(cfg.datasets)
-    plan = BatchPlan([len(s) for s in sources], [s.weight for s in sources], cfg.batch_size,
-                     cfg.one_dataset_per_batch, cfg.seed)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
-    optimizer = torch.optim.AdamW(_param_groups(backbone, cfg.weight_decay), lr=cfg.lr)
-    scheduler = _scheduler(cfg, optimizer, total)
-    model, optimizer, scheduler = accelerator.prepare(Encoder(backbone), optimizer, scheduler)
-    accelerator.register_save_state_pre_hook(trainable_weights_only)
+class Trainer:
+    """One training job. After :meth:`run`, ``backbone`` holds the trained model in memory."""
 
-    start = 0
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt / STATE_DIR), strict=False)
-        start = checkpoint_step(ckpt)
-    main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", cfg.to_dict())
-        tqdm.write(f"mmemb train: {parameter_summary(backbone)}; {total} steps of {cfg.batch_size} pairs "
-                   f"({plan.steps_per_epoch} per epoch) on {accelerator.num_processes} process(es)"
-                   + (f"; resuming at step {start}" if start else ""))
+    def __init__(self, config: TrainConfig | str | Path, overrides: Sequence[str] = (), resume: bool = False):
+        from accelerate.utils import set_seed
 
-    loader = StepLoader(sources, plan, backbone.processor, accelerator.process_index, accelerator.num_processes,
-                        cfg.hard_negatives)
-    step_fn = TrainStep(accelerator, model, backbone, JointObjective(cfg.loss), cfg.gradcache_chunk)
-    log = TrainLog(out / "log.jsonl", resume_step=start) if main else None
-    bar = tqdm(total=total, initial=start, disable=not main, desc="train", unit="step", dynamic_ncols=True)
-    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    window_pairs, window_start = 0, time.perf_counter()
-    try:
-        for batch in local_batches(loader, start, total, cfg.num_workers):
+        cfg = self.cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+        self.out = Path(cfg.output_dir)
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is not None and not resume:
+            raise RunExists(f"{self.out} already holds checkpoints (latest {ckpt.name}); pass --resume to continue "
+                            f"that run or choose another output_dir")
+        self.accelerator = accelerator = build_accelerator(cfg)
+        set_seed(cfg.seed)
+        weights_dtype = torch.bfloat16 if _use_bf16(cfg) and cfg.lora.enabled else torch.float32
+        self.backbone = load_backbone(cfg.model, dtype=weights_dtype, device=accelerator.device,
+                                      attn_implementation=cfg.attn_implementation, min_pixels=cfg.min_pixels,
+                                      max_pixels=cfg.max_pixels)
+        configure_parameters(self.backbone, cfg)
+        self.backbone.train()
+
+        sources = open_sources(cfg.datasets)
+        self.plan = BatchPlan([len(s) for s in sources], [s.weight for s in sources], cfg.batch_size,
+                              cfg.one_dataset_per_batch, cfg.seed)
+        self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.plan.steps_per_epoch))
+        optimizer = torch.optim.AdamW(_param_groups(self.backbone, cfg.weight_decay), lr=cfg.lr)
+        scheduler = _scheduler(cfg, optimizer, self.total)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(Encoder(self.backbone), optimizer, scheduler)
+        accelerator.register_save_state_pre_hook(trainable_weights_only)
+        self.start = 0
+        if resume and ckpt is not None:
+            accelerator.load_state(str(ckpt / STATE_DIR), strict=False)
+            self.start = checkpoint_step(ckpt)
+        self.loader = StepLoader(sources, self.plan, self.backbone.processor, accelerator.process_index,
+                                 accelerator.num_processes, cfg.hard_negatives)
+        self.step_fn = TrainStep(accelerator, self.model, self.backbone, JointObjective(cfg.loss), cfg.gradcache_chunk)
+
+    def run(self) -> Path:
+        cfg, accelerator, out = self.cfg, self.accelerator, self.out
+        main = accelerator.is_main_process
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "config.json", cfg.to_dict())
+            tqdm.write(f"mmemb train: {parameter_summary(self.backbone)}; {self.total} steps of {cfg.batch_size} "
+                       f"pairs ({self.plan.steps_per_epoch} per epoch) on {accelerator.num_processes} process(es)"
+                       + (f"; resuming at step {self.start}" if self.start else ""))
+        log = TrainLog(out / "log.jsonl", resume_step=self.start) if main else None
+        bar = tqdm(total=self.total, initial=self.start, disable=not main, desc="train", unit="step",
+                   dynamic_ncols=True)
+        try:
+            self._loop(log, bar)
+            last = latest_checkpoint(out)
+            if last is None or checkpoint_step(last) < self.total:
+                save_checkpoint(accelerator, self.model, self.backbone, cfg, self.total)
+            final = save_final(accelerator, self.model, self.backbone, cfg)
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        if main:
+            plot_losses(out / "log.jsonl", out / "loss.png")
+        accelerator.wait_for_everyone()
+        return final
+
+    def export(self, out: str | Path, save_format: str | None = None) -> Path:
+        """Write the current model to ``out`` (atomically), in the recipe's format or ``save_format``."""
+        cfg = replace(self.cfg, save_format=save_format or self.cfg.save_format).validate()
+        with shared_atomic_dir(self.accelerator, Path(out)) as tmp:
+            export_model(self.accelerator, self.model, self.backbone, cfg, tmp)
+        return Path(out)
+
+    def _loop(self, log: TrainLog | None, bar) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        window_pairs, window_start = 0, time.perf_counter()
+        for batch in local_batches(self.loader, self.start, self.total, cfg.num_workers):
             for reason in batch.skipped:
                 tqdm.write(f"warning: skipped pair ({reason})")
-            stats = step_fn(batch)
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
+            stats = self.step_fn(batch)
+            grad_norm = float(accelerator.clip_grad_norm_(self.model.parameters(), clip))
             step = batch.step + 1
             loss = stats.terms["loss"]
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                last = latest_checkpoint(out)
+                last = latest_checkpoint(self.out)
                 raise TrainingDiverged(
                     f"loss {loss} (gradient norm {grad_norm}) at step {step}: stopped before the optimizer step. "
                     f"Terms: {stats.terms}. The last good checkpoint is "
-                    f"{last if last else 'none (no checkpoint was written yet)'}; lower lr, check the data, "
-                    f"then resume with --resume.")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                    f"{last if last else 'none (no checkpoint was written yet)'}; lower lr or check the data, "
+                    f"then continue with --resume.")
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
             window_pairs += stats.pairs
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
+            if step % cfg.log_every == 0 or step == self.total:
                 now = time.perf_counter()
                 row = {"step": step, **{k: round(v, 6) for k, v in stats.terms.items()},
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
+                       "lr": self.scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
                        "examples_per_s": round(window_pairs / max(now - window_start, 1e-9), 2),
                        "pairs": stats.pairs, "skipped": stats.skipped}
                 window_pairs, window_start = 0, now
-                if main:
+                if log is not None:
                     log.write(row)
                     bar.set_postfix(loss=f"{loss:.4f}", ex_s=row["examples_per_s"])
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save_checkpoint(accelerator, model, backbone, cfg, step)
-        if start < total or latest_checkpoint(out) is None or checkpoint_step(latest_checkpoint(out)) < total:
-            save_checkpoint(accelerator, model, backbone, cfg, total)
-        final = save_final(accelerator, model, backbone, cfg)
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    if main:
-        plot_losses(out / "log.jsonl", out / "loss.png")
-    accelerator.wait_for_everyone()
-    return final
+            if cfg.save_every and step % cfg.save_every == 0 and step < self.total:
+                save_checkpoint(accelerator, self.model, self.backbone, cfg, step)
 
 
 def build_accelerator(cfg: TrainConfig):
+    """The Accelerator of a job: DDP / FSDP / DeepSpeed come from how the processes were launched."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -164,4 +187,4 @@ def _scheduler(cfg: TrainConfig, optimizer, total: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-__all__ = ["train", "TrainingDiverged", "RunExists", "list_checkpoints"]
+__all__ = ["train", "Trainer", "TrainingDiverged", "RunExists", "list_checkpoints", "build_accelerator"]
