@@ -1,4 +1,4 @@
-"""Small Pair-JSONL datasets in MiniMMEB's layout (DIR/images, DIR/train/TASK.jsonl) for trainer tests.
+"""Small Pair-JSONL datasets in MiniMMEB's layout (DIR/manifest.json, DIR/images, DIR/train/TASK.jsonl).
 
 Images are real scanned digits (scikit-learn's bundled set), 2x upscaled; pairs mirror MiniMMEB's
 DigitClass (image -> class word) and DigitSum (image of 3 digits + question -> the sum, with a
@@ -37,6 +37,7 @@ def write_pairs(root: str | Path, n_class: int = 48, n_sum: int = 16, negatives:
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "train").mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps({"benchmark": "trainer-test-pairs"}))  # image paths: from root
     images, labels = _digit_images()
     rng = random.Random(seed)
     out = {}

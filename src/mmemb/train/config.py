@@ -31,12 +31,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class DatasetConfig:
-    """A Pair JSONL file (or a glob of them) in the training mixture.
+    """Pair-JSONL training data: a file, a glob, or a benchmark folder (its ``train/*.jsonl``).
 
-    ``weight`` is an upsampling factor: each row is seen ``weight`` times per epoch on average
-    (1 = once, 0.5 = half the rows, 2 = twice). Relative image paths in the rows resolve against
-    ``image_root``; by default the folder above the JSONL's folder (MiniMMEB keeps its pairs in
-    ``DIR/train/TASK.jsonl`` with image paths relative to ``DIR``).
+    Each file is one dataset of the mixture (a glob or folder gives one per task, for
+    ``one_dataset_per_batch``). ``weight`` is an upsampling factor: each row is seen ``weight``
+    times per epoch on average (1 = once, 0.5 = half the rows, 2 = twice). Relative image paths
+    resolve against ``image_root``; by default the benchmark folder holding the file (the nearest
+    ancestor with a ``manifest.json``, as MiniMMEB writes it), else the file's own folder.
     """
 
     path: str
@@ -226,6 +227,8 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     for depth, part in enumerate(parts[:-1]):
         nxt_is_index = parts[depth + 1].isdigit()
         if isinstance(node, list):
+            if part.isdigit() and int(part) == len(node):  # one past the end: a new entry
+                node.append([] if nxt_is_index else {})
             i = _index(node, part, key)
             if isinstance(node[i], str):  # a dataset given as a bare path
                 node[i] = {"path": node[i]}

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.pairs import pair_files, pair_root
 from ..items import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Item, ItemError, Pair, load_visuals
 from ..prompts import render_prompt
 from .config import DatasetConfig
@@ -30,45 +30,49 @@ LABELS = {"reason": 1, "direct": 0}  # pair.label -> decision target; anything e
 
 
 class PairSource:
-    """The rows of one dataset (a JSONL file or a glob of them), indexed by line offset."""
+    """The rows of one Pair-JSONL file, indexed by line offset and read on demand."""
 
-    def __init__(self, cfg: DatasetConfig):
-        self.files = sorted(glob.glob(os.path.expanduser(cfg.path))) if any(c in cfg.path for c in "*?[") \
-            else [os.path.expanduser(cfg.path)]
-        missing = [f for f in self.files if not Path(f).is_file()]
-        if not self.files or missing:
-            raise FileNotFoundError(f"dataset {cfg.path!r}: no such file(s) {missing or ''}".rstrip())
-        self.name = cfg.name or (Path(self.files[0]).stem if len(self.files) == 1 else cfg.path)
-        self.weight = cfg.weight
-        self.image_root = cfg.image_root
-        self._offsets = [_line_offsets(f) for f in self.files]
-        self._ends = np.cumsum([len(o) for o in self._offsets])
-        if self._ends[-1] == 0:
-            raise ValueError(f"dataset {cfg.path!r} has no rows")
-        self._handles: dict[tuple[int, int], Any] = {}
+    def __init__(self, path: str | Path, name: str, weight: float = 1.0, image_root: str | None = None):
+        self.path, self.name, self.weight = str(path), name, weight
+        self.image_root = str(image_root) if image_root is not None else str(pair_root(path))
+        self._offsets = _line_offsets(self.path)
+        if len(self._offsets) == 0:
+            raise ValueError(f"dataset {self.path!r} has no rows")
+        self._handles: dict[int, Any] = {}
 
     def __len__(self) -> int:
-        return int(self._ends[-1])
+        return len(self._offsets)
 
-    def root(self, file_index: int) -> str:
-        return self.image_root if self.image_root is not None else str(Path(self.files[file_index]).resolve().parent.parent)
-
-    def read(self, i: int) -> tuple[dict[str, Any], str, str]:
-        """Row ``i`` as a dict, with its image root and a location for messages (file:line)."""
-        f = int(np.searchsorted(self._ends, i, side="right"))
-        local = i - (int(self._ends[f - 1]) if f else 0)
-        key = (os.getpid(), f)  # one handle per process (DataLoader workers fork)
-        if key not in self._handles:
-            self._handles[key] = open(self.files[f], "rb")
-        fh = self._handles[key]
-        fh.seek(int(self._offsets[f][local]))
-        where = f"{self.files[f]} row {local + 1}"
-        return json.loads(fh.readline()), self.root(f), where
+    def read(self, i: int) -> tuple[dict[str, Any], str]:
+        """Row ``i`` as a dict, and where it is (for messages)."""
+        pid = os.getpid()  # one handle per process (DataLoader workers fork)
+        if pid not in self._handles:
+            self._handles[pid] = open(self.path, "rb")
+        fh = self._handles[pid]
+        fh.seek(int(self._offsets[i]))
+        return json.loads(fh.readline()), f"{self.path} row {i + 1}"
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
+
+
+def open_sources(datasets: list[DatasetConfig]) -> list[PairSource]:
+    """One source per file: a glob or a benchmark folder (its ``train/*.jsonl``) gives one per task.
+
+    Relative image paths resolve against ``image_root``, by default the benchmark folder that holds
+    the file (see :func:`mmemb.data.pairs.pair_root`).
+    """
+    sources = []
+    for d in datasets:
+        files = pair_files(os.path.expanduser(d.path))
+        for f in files:
+            name = d.name or f.stem
+            if d.name and len(files) > 1:
+                name = f"{d.name}/{f.stem}"
+            sources.append(PairSource(f, name, d.weight, d.image_root))
+    return sources
 
 
 def _line_offsets(path: str, block: int = 1 << 24) -> np.ndarray:
@@ -173,10 +177,10 @@ class StepLoader(torch.utils.data.Dataset):
         out = LocalBatch(step=step, pairs=[])
         for d, r in rows.tolist():
             source = self.sources[d]
-            where = f"{source.name} row {r}"
+            where = f"{source.path} row {r + 1}"
             try:
-                row, root, where = source.read(r)
-                out.pairs.append(self._load(Pair.from_json(row, root), where))
+                row, where = source.read(r)
+                out.pairs.append(self._load(Pair.from_json(row, source.image_root), where))
             except (ImageError, ItemError, ValueError, KeyError, TypeError, OSError) as e:
                 out.skipped.append(f"{where}: {e}")
         return out
@@ -204,10 +208,6 @@ def content_key(item: Item) -> int:
     """A 63-bit hash of what the model sees: duplicates in a batch are found by equal keys."""
     digest = hashlib.blake2b(repr(item.content_key()).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def open_sources(datasets: list[DatasetConfig]) -> list[PairSource]:
-    return [PairSource(d) for d in datasets]
 
 
 def local_batches(loader: StepLoader, start: int, stop: int, num_workers: int = 0):

@@ -158,10 +158,15 @@ def build_accelerator(cfg: TrainConfig):
     from accelerate.utils import DistributedDataParallelKwargs
 
     # A trainable vision tower is unused by text-only batches: DDP must be told to look for that.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=not cfg.freeze_vision)
+    vision_trains = not (cfg.freeze_vision or cfg.lora.enabled)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=vision_trains)
     # cpu=True where there is no GPU: N launched processes then form a gloo group (MULTI_CPU).
-    return Accelerator(mixed_precision="bf16" if _use_bf16(cfg) else "no", step_scheduler_with_optimizer=False,
-                       kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="bf16" if _use_bf16(cfg) else "no", step_scheduler_with_optimizer=False,
+                              kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # no dataloader goes through prepare(): DeepSpeed needs the per-GPU batch stated
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(1, cfg.batch_size // accelerator.num_processes)
+    return accelerator
 
 
 def _use_bf16(cfg: TrainConfig) -> bool:
