@@ -45,6 +45,14 @@ def test_gradcache_equals_plain_step(tiny_path, mixed_data, overrides):
     assert_same(plain, cached, "gradcache vs plain")
 
 
+def test_gradcache_replays_dropout_masks_with_lora_and_checkpointing(tiny_path, mixed_data):
+    # LoRA dropout 0.5: the second pass of each chunk must draw the masks of its first pass
+    overrides = ("lora.enabled=true", "lora.dropout=0.5", "gradient_checkpointing=true")
+    results, _ = step_results(tiny_path, mixed_data, chunks=(0, 3), overrides=overrides, plain_rows=3)
+    assert any("lora_" in n for n in results[0][1]) and not any("visual" in n for n in results[0][1])
+    assert_same(results[0], results[3], "gradcache vs plain, LoRA with dropout")
+
+
 def test_two_processes_equal_one_process(tiny_path, mixed_data, tmp_path):
     out = tmp_path / "rank0.pt"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE)]), OMP_NUM_THREADS="1")

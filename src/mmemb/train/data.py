@@ -168,6 +168,7 @@ class StepLoader(torch.utils.data.Dataset):
         self.sources, self.plan, self.processor = sources, plan, processor
         self.rank, self.world = rank, world
         self.hard_negatives, self.max_image_pixels = hard_negatives, max_image_pixels
+        self._prompts: dict[tuple, str] = {}
 
     def __len__(self) -> int:  # unbounded in principle; the sampler picks the steps
         return 1 << 62
@@ -190,7 +191,7 @@ class StepLoader(torch.utils.data.Dataset):
             try:
                 visuals = load_visuals(item, self.max_image_pixels)
                 plain = replace(item, rationale=None)
-                return Side(render_prompt(self.processor, plain), visuals, content_key(plain))
+                return Side(self._prompt(plain), visuals, content_key(plain))
             except (ImageError, ItemError) as e:
                 raise ItemError(None, pair.id, f"{what}: {getattr(e, 'reason', e)}") from None
 
@@ -202,6 +203,17 @@ class StepLoader(torch.utils.data.Dataset):
             label=LABELS.get(pair.label or "", -1),
             id=pair.id or where,
         )
+
+
+    def _prompt(self, item: Item) -> str:
+        """The rendered chat prompt; cached, since a template render costs more than the rest of a row."""
+        key = (item.instruction, item.text, len(item.images), bool(item.video))
+        prompt = self._prompts.get(key)
+        if prompt is None:
+            if len(self._prompts) >= 200_000:
+                self._prompts.clear()
+            prompt = self._prompts[key] = render_prompt(self.processor, item)
+        return prompt
 
 
 def content_key(item: Item) -> int:

@@ -31,6 +31,11 @@ from .data import LocalBatch, Side
 from .losses import DIRECT_QUERY, DUMMY, REASON_QUERY, TARGET, JointObjective, PairMeta, RowMeta, max_across, sum_across
 
 
+# The plain step embeds a group in forwards of at most this many rows, sorted by length (less
+# padding); all of them inside one call of the wrapped module, before one backward.
+PLAIN_ROWS_PER_FORWARD = 64
+
+
 class Encoder(nn.Module):
     """The module the trainer wraps (DDP/FSDP/DeepSpeed): teacher-forced passes over a list of batches."""
 
@@ -100,6 +105,8 @@ class TrainStep:
         self.accelerator, self.model, self.backbone = accelerator, model, backbone
         self.objective, self.chunk_size = objective, chunk_size
         self._dummy: Side | None = None
+        image_processor = backbone.processor.image_processor
+        self._pixels_per_token = (image_processor.patch_size * image_processor.merge_size) ** 2
 
     def __call__(self, batch: LocalBatch) -> StepStats:
         plan = plan_rows(batch, self.objective, self.backbone)
@@ -148,16 +155,23 @@ class TrainStep:
         A process with fewer rows than chunks fills the gap with a dummy row whose loss is zero.
         """
         sizes = [len(g) for g in plan.groups]
-        size = self.chunk_size or 1 << 30
+        size = self.chunk_size or PLAIN_ROWS_PER_FORWARD
         wanted = torch.tensor([-(-n // size) for n in sizes], device=self.backbone.device)
         counts = max_across(wanted).tolist()
         if sum(counts) == 0:
             counts[0] = 1  # nothing to embed anywhere: still one (dummy) pass, so every process steps
         out = []
         for group, n in zip(plan.groups, counts):
-            for part in np.array_split(np.arange(len(group)), n) if n else []:
+            order = np.argsort([self._length(r) for r in group], kind="stable")  # similar lengths pad less
+            for part in np.array_split(order, n) if n else []:
                 out.append([group[i] for i in part] or [self._dummy_row()])
         return out
+
+    def _length(self, row: Row) -> float:
+        """Rough token count of a row (prompt characters / 3 + vision tokens), to sort rows by length."""
+        images, frames = row.side.visuals
+        pixels = sum(im.width * im.height for im in [*images, *(frames or [])])
+        return len(row.side.prompt) / 3 + pixels / self._pixels_per_token + len(row.rationale or ())
 
     def _forced(self, rows: list[Row]) -> ForcedBatch:
         return build_forced_batch(self.backbone, [r.side.prompt for r in rows], [r.side.visuals for r in rows],
