@@ -109,3 +109,25 @@ def test_benchmark_folder_gives_one_dataset_per_task(tmp_path):
     sources = open_sources([DatasetConfig(path=str(tmp_path / "bench"), weight=0.5)])
     assert [s.name for s in sources] == sorted(paths) and all(s.weight == 0.5 for s in sources)
     assert all(s.image_root == str((tmp_path / "bench").resolve()) for s in sources)
+
+
+def test_cli_relaunches_through_accelerate_and_refuses_an_existing_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmemb.cli import app
+    from mmemb.train.launch import launch_command
+
+    cmd = launch_command(["--config=r.yaml", "--resume", "lr=1e-4"], 2)
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"] and cmd[4] == "2"
+    assert cmd[-6:] == ["-m", "mmemb.cli", "train", "--config=r.yaml", "--resume", "lr=1e-4"]
+    assert "--config_file" in launch_command([], 8, "configs/accelerate/fsdp.yaml")
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text('{"step": 3}')
+    args = ["train", "--config", str(CONFIGS / "tiny-minimmeb.yaml"), "--num-processes", "2",
+            f"output_dir={tmp_path / 'run'}"]
+    result = CliRunner().invoke(app, args)  # checked before any process is launched
+    assert result.exit_code == 1 and "already holds checkpoints (latest step-000003)" in result.output
+    result = CliRunner().invoke(app, args + ["loss.weird=1"])
+    assert result.exit_code == 1 and "loss.weird" in result.output

@@ -81,16 +81,16 @@ def train_cmd(
     import subprocess
     import sys
 
+    from .train.config import ConfigError, load_config
     from .train.launch import launch_command, launched
-
-    if (num_processes > 1 or accelerate_config) and not launched():
-        args = [f"--config={config}", *(["--resume"] if resume else []), *(overrides or [])]
-        cmd = launch_command(args, num_processes, str(accelerate_config) if accelerate_config else None)
-        raise typer.Exit(subprocess.call(cmd))
-    from .train.config import ConfigError
-    from .train.trainer import RunExists, TrainingDiverged, train
+    from .train.trainer import RunExists, TrainingDiverged, check_output_dir, train
 
     try:
+        if (num_processes > 1 or accelerate_config) and not launched():
+            check_output_dir(load_config(config, overrides or []), resume)  # fail here, not in N processes
+            args = [f"--config={config}", *(["--resume"] if resume else []), *(overrides or [])]
+            cmd = launch_command(args, num_processes, str(accelerate_config) if accelerate_config else None)
+            raise typer.Exit(subprocess.call(cmd))
         final = train(config, overrides or [], resume=resume)
     except (ConfigError, RunExists, TrainingDiverged, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)

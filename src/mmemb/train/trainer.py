@@ -52,10 +52,7 @@ class Trainer:
 
         cfg = self.cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
         self.out = Path(cfg.output_dir)
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is not None and not resume:
-            raise RunExists(f"{self.out} already holds checkpoints (latest {ckpt.name}); pass --resume to continue "
-                            f"that run or choose another output_dir")
+        ckpt = check_output_dir(cfg, resume)
         self.accelerator = accelerator = build_accelerator(cfg)
         set_seed(cfg.seed)
         weights_dtype = torch.bfloat16 if _use_bf16(cfg) and cfg.lora.enabled else torch.float32
@@ -150,6 +147,15 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", ex_s=row["examples_per_s"])
             if cfg.save_every and step % cfg.save_every == 0 and step < self.total:
                 save_checkpoint(accelerator, self.model, self.backbone, cfg, step)
+
+
+def check_output_dir(cfg: TrainConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: start afresh); refuses to start over an existing run."""
+    ckpt = latest_checkpoint(cfg.output_dir)
+    if ckpt is not None and not resume:
+        raise RunExists(f"{cfg.output_dir} already holds checkpoints (latest {ckpt.name}); pass --resume to continue "
+                        f"that run or choose another output_dir")
+    return ckpt
 
 
 def build_accelerator(cfg: TrainConfig):
