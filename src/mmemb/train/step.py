@@ -16,7 +16,7 @@ only in the last chunk's backward.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,8 @@ from ..items import Item
 from ..prompts import render_prompt
 from ..teacher_forcing import ForcedBatch, ForcedOutput, build_forced_batch, forced_forward, rationale_ids
 from .data import LocalBatch, Side
-from .losses import DIRECT_QUERY, DUMMY, REASON_QUERY, TARGET, JointObjective, PairMeta, RowMeta, max_across, sum_across
+from .losses import (DIRECT_QUERY, DUMMY, REASON_QUERY, TARGET, ContrastiveResult, JointObjective, PairMeta, RowMeta,
+                     max_across, sum_across)
 
 
 # The plain step embeds a group in forwards of at most this many rows, sorted by length (less
@@ -67,7 +68,6 @@ class StepStats:
     terms: dict[str, float]  # loss (total) and each term, global and unscaled
     pairs: int  # pairs in the global batch
     skipped: int  # pairs left out of the global batch (bad rows / images)
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def plan_rows(batch: LocalBatch, objective: JointObjective, backbone: Backbone) -> RowPlan:
@@ -112,11 +112,9 @@ class TrainStep:
         plan = plan_rows(batch, self.objective, self.backbone)
         chunks = self._chunks(plan)
         forced = [self._forced(rows) for rows in chunks]
-        if self.chunk_size > 0:
-            terms, sums = self._gradcache(plan, chunks, forced)
-        else:
-            terms, sums = self._plain(plan, chunks, forced)
-        return self._stats(terms, sums, batch)
+        step = self._gradcache if self.chunk_size > 0 else self._plain
+        con, sums = step(plan, chunks, forced)
+        return self._stats(con, sums, batch)
 
     # ---- the two step kinds ----------------------------------------------------------------
     def _plain(self, plan: RowPlan, chunks: list[list[Row]], forced: list[ForcedBatch]):
@@ -125,7 +123,7 @@ class TrainStep:
         con = self.objective.contrastive(emb, self._row_meta(chunks), plan.pairs)
         loss, sums = self._per_example(outs, chunks, con.norms)
         self.accelerator.backward(con.loss + loss)
-        return con.terms | {"_norms": con.norms}, sums
+        return con, sums
 
     def _gradcache(self, plan: RowPlan, chunks: list[list[Row]], forced: list[ForcedBatch]):
         states, cached = [], []
@@ -146,7 +144,7 @@ class TrainStep:
                 surrogate = (outs[0].embeddings * grads[k]).sum() + loss
                 self.accelerator.backward(surrogate)
             sums = sums + s
-        return con.terms | {"_norms": con.norms}, sums
+        return con, sums
 
     # ---- pieces ------------------------------------------------------------------------------
     def _chunks(self, plan: RowPlan) -> list[list[Row]]:
@@ -202,8 +200,8 @@ class TrainStep:
             self._dummy = Side(render_prompt(self.backbone.processor, item), ([], None), 0)
         return Row(self._dummy, None, DUMMY)
 
-    def _stats(self, terms: dict, sums: torch.Tensor, batch: LocalBatch) -> StepStats:
-        norms = terms.pop("_norms")
+    def _stats(self, con: ContrastiveResult, sums: torch.Tensor, batch: LocalBatch) -> StepStats:
+        terms, norms = dict(con.terms), con.norms
         counts = sum_across(torch.cat([sums.double(), torch.tensor([len(batch.skipped)], dtype=torch.double,
                                                                    device=sums.device)]))
         nll, ce, correct, skipped = counts.tolist()
