@@ -208,3 +208,38 @@ def test_metrics_module_is_what_the_runner_reports(embedder, tmp_path):
         ranked = [row["gold"].get(cid, 0.0) for cid, _ in row["top"]]  # all 4 candidates are listed
         per_query.append(M.query_metrics(ranked, row["gold"].values()))
     assert score["metrics"] == pytest.approx(M.mean_metrics(per_query))
+
+
+def test_global_ranking_video_and_visual_documents(embedder, tmp_path):
+    """Global tasks rank the whole pool: a video classification task over its label set and a
+    BEIR document task with graded relevance (main metric NDCG@5)."""
+    from eval_fixtures import write_jsonl
+
+    data = tmp_path / "mmeb"
+    videos = data / "video-tasks"
+    for v in "ab":
+        for i in range(4):
+            write_image(videos / "frames" / v / f"{i}.jpg", seed=ord(v) + i, size=(16, 16))
+    write_jsonl(videos / "UCF101" / "test.jsonl", [{"qry_video": "frames/a", "tgt_text": ["Surfing"]},
+                                                   {"qry_video": "frames/b", "tgt_text": ["Rowing"]}])
+    write_jsonl(videos / "UCF101" / "corpus.jsonl", [{"text": w} for w in ("Rowing", "Surfing", "Knitting")])
+    docs = data / "visdoc-tasks" / "VisRAG_PlotQA"
+    for i in range(4):
+        write_image(docs / f"p{i}.png", seed=20 + i, size=(24, 32))
+    write_jsonl(docs / "queries.jsonl", [{"query-id": "q", "query": "which plot rises?"}])
+    write_jsonl(docs / "corpus.jsonl", [{"corpus-id": f"p{i}", "image": f"p{i}.png"} for i in range(4)])
+    write_jsonl(docs / "qrels.jsonl", [{"query-id": "q", "corpus-id": "p2", "score": 2},
+                                       {"query-id": "q", "corpus-id": "p0", "score": 1}])
+    summary = evaluate(embedder, "UCF101,VisRAG_PlotQA", tmp_path / "run", data=str(data),
+                       cache_dir=str(tmp_path / "cache"), batch_size=4, show_progress=False)
+    assert set(summary["by_modality"]) == {"video", "visdoc"}
+    video = json.loads((tmp_path / "run" / "UCF101" / "score.json").read_text())
+    assert video["eval_type"] == "global" and video["num_candidates"] == 3
+    for row in map(json.loads, (tmp_path / "run" / "UCF101" / "predictions.jsonl").open()):
+        assert sorted(cid for cid, _ in row["top"]) == ["c0", "c1", "c2"]  # every label, not a local list
+    doc = json.loads((tmp_path / "run" / "VisRAG_PlotQA" / "score.json").read_text())
+    assert doc["metric"] == "ndcg@5" and doc["main"] == doc["metrics"]["ndcg@5"]
+    row = json.loads((tmp_path / "run" / "VisRAG_PlotQA" / "predictions.jsonl").read_text())
+    assert row["gold"] == {"p2": 2.0, "p0": 1.0} and len(row["top"]) == 4
+    ranked = [row["gold"].get(cid, 0.0) for cid, _ in row["top"]]
+    assert doc["main"] == pytest.approx(M.ndcg_at_k(ranked, [2.0, 1.0], 5))
