@@ -141,7 +141,7 @@ def test_bad_items_are_reported_and_count_as_misses(embedder, tmp_path):
 
 
 def test_kill_and_resume_gives_identical_scores(embedder, tiny_path, tmp_path, monkeypatch):
-    root = write_minimmeb(tmp_path / "mini", n_queries=16, n_cands=4)
+    root = write_minimmeb(tmp_path / "mini", n_queries=10, n_cands=4)
     cmd = [sys.executable, "-m", "mmemb.cli", "eval", "--model", tiny_path, "--tasks", "minimmeb",
            "--data", str(root), "--out", str(tmp_path / "killed"), "--cache", str(tmp_path / "cache_k"),
            "--batch-size", "2"]
@@ -163,7 +163,7 @@ def test_kill_and_resume_gives_identical_scores(embedder, tiny_path, tmp_path, m
     resumed_items = counter.items()
     evaluate(embedder, "minimmeb", tmp_path / "fresh", cache_dir=str(tmp_path / "cache_f"), **opts)
     fresh_items = counter.items() - resumed_items
-    assert fresh_items == 2 * 16 + 6  # every query, each distinct candidate once
+    assert fresh_items == 2 * 10 + 6  # every query, each distinct candidate once
     assert resumed_items <= fresh_items - 8  # at least the first chunk of 8 queries was not redone
     assert first_chunk.stat().st_mtime_ns == saved_at
     for t in ("MiniClass", "MiniCaption"):
@@ -243,3 +243,21 @@ def test_global_ranking_video_and_visual_documents(embedder, tmp_path):
     assert row["gold"] == {"p2": 2.0, "p0": 1.0} and len(row["top"]) == 4
     ranked = [row["gold"].get(cid, 0.0) for cid, _ in row["top"]]
     assert doc["main"] == pytest.approx(M.ndcg_at_k(ranked, [2.0, 1.0], 5))
+
+
+def test_minimmeb_build_evaluates_end_to_end(embedder, tmp_path):
+    """A small real MiniMMEB build (all six tasks, a few test queries each) through `mmemb eval`'s
+    code path: every task scored, the easy/compositional split reported, candidates deduplicated."""
+    from mmemb.data.minimmeb import BuildConfig, build
+
+    root = build(tmp_path / "minimmeb", BuildConfig(seed=1, train_pairs=12, val_queries=1, test_queries=3))
+    summary = evaluate(embedder, "minimmeb", tmp_path / "run", data=str(root), cache_dir=str(tmp_path / "cache"),
+                       batch_size=16, show_progress=False)
+    assert set(summary["tasks"]) == {"DigitClass", "DigitCaption-I2T", "DigitCaption-T2I", "DigitGround",
+                                     "DigitSum", "DigitExpr"}
+    assert set(summary["by_kind"]) == {"easy", "compositional"} and summary["by_kind"]["easy"]["tasks"] == 4
+    assert all(0.0 <= t["main"] <= 1.0 and t["num_queries"] == 3 for t in summary["tasks"].values())
+    cands = summary["candidates"]
+    assert cands["unique"] == cands["encoded"] < cands["references"]  # shared candidates encoded once
+    row = json.loads((tmp_path / "run" / "DigitSum" / "predictions.jsonl").open().readline())
+    assert row["query_id"] == "DigitSum/test/0" and len(row["top"]) == 10

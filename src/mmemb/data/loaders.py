@@ -108,7 +108,7 @@ def rows_task(info: TaskInfo, rows: Iterable[dict], root: Path, num_frames: int 
     lists: dict[str, list[Item]] = {}
     rels: dict[str, list[float]] = {}
     for i, row in enumerate(rows):
-        qid = str(row.get("id", row.get("qid", i)))
+        qid = str(row.get("id") or (row.get("meta") or {}).get("id") or i)
         try:
             query = _row_item(row, "qry", info.qry_inst, root, num_frames)
             texts = list(row.get("tgt_text") or [])
