@@ -104,6 +104,30 @@ def test_end_to_end_scores_dedup_and_cache(embedder, tmp_path, monkeypatch):
         evaluate(embedder, "minimmeb", tmp_path / "run", **{**opts, "batch_size": 2})
 
 
+class FixedGate:
+    """A plug-in gate that gives every item the same p(think)."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def p_think(self, prompts, visuals, backbone):
+        return [self.p] * len(prompts)
+
+
+def test_plug_in_gate_decides_in_auto_mode(embedder, tmp_path, monkeypatch):
+    root = write_minimmeb(tmp_path / "mini", n_queries=3, n_cands=3)
+    opts = dict(data=str(root), cache_dir=str(tmp_path / "cache"), batch_size=4, max_reasoning_tokens=2,
+                show_progress=False)
+    ratios = {}
+    for p in (0.0, 1.0):
+        monkeypatch.setattr(embedder, "gate", FixedGate(p))
+        ratios[p] = evaluate(embedder, "MiniClass", tmp_path / f"gate{p}", mode="auto", **opts)["overall"]["invocation_ratio"]
+    assert ratios == {0.0: 0.0, 1.0: 1.0}
+    monkeypatch.setattr(embedder, "gate", None)  # a run made with a gate is not continued without it
+    with pytest.raises(EvalError, match="gate differ"):
+        evaluate(embedder, "MiniClass", tmp_path / "gate1.0", mode="auto", **opts)
+
+
 def test_auto_mode_records_reasoning(embedder, tmp_path):
     root = write_minimmeb(tmp_path / "mini", n_queries=4, n_cands=3)
     summary = evaluate(embedder, "MiniCaption", tmp_path / "run", mode="auto", think_threshold=0.0,

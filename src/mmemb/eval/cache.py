@@ -11,6 +11,7 @@ video frame (not their paths: a rebuilt benchmark can put new images at old path
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -91,9 +92,6 @@ class EmbeddingCache:
 
 
 # ---- fingerprints ------------------------------------------------------------------------------
-_file_digests: dict[tuple[str, int, int], str] = {}
-
-
 def item_digest(item: Item) -> str:
     """A stable hash of everything of an item the model sees."""
     parts = [item.instruction or "", item.text or "", item.rationale or "",
@@ -115,14 +113,17 @@ def _image_digest(src: Any) -> str:
         st = os.stat(path)
     except OSError:
         return "missing:" + path  # fails when encoded; a file that appears later gets a new key
-    memo = (path, st.st_size, st.st_mtime_ns)
-    if memo not in _file_digests:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _file_digests[memo] = "file:" + h.hexdigest()[:32]
-    return _file_digests[memo]
+    return _file_digest(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Hash of a file's bytes; size and mtime are part of the memo key (a changed file is re-read)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "file:" + h.hexdigest()[:32]
 
 
 def model_fingerprint(embedder: Any) -> str:
@@ -141,9 +142,15 @@ def model_fingerprint(embedder: Any) -> str:
     return h.hexdigest()[:20]
 
 
-def module_fingerprint(module: Any) -> str:
+def gate_fingerprint(gate: Any) -> str | None:
+    """A plug-in gate's weights (or, for a gate that is not a torch module, its type)."""
+    if gate is None:
+        return None
     h = hashlib.sha256()
-    _hash_module(h, module)
+    if hasattr(gate, "state_dict"):
+        _hash_module(h, gate)
+    else:
+        h.update(f"{type(gate).__module__}.{type(gate).__qualname__}".encode())
     return h.hexdigest()[:20]
 
 

@@ -34,7 +34,7 @@ from ..embedder import MODES, Embedder
 from ..fileio import atomic_write_bytes, fingerprint, read_json, write_json, write_jsonl
 from ..items import RankingTask
 from . import metrics as M
-from .cache import DEFAULT_CACHE, EmbeddingCache, item_digest, model_fingerprint, module_fingerprint
+from .cache import DEFAULT_CACHE, EmbeddingCache, gate_fingerprint, item_digest, model_fingerprint
 from .summary import aggregate, render_markdown
 
 TOP_K = 10  # candidates written per query in predictions.jsonl
@@ -92,8 +92,7 @@ class EvalConfig:
                      temperature=self.temperature, batch_size=self.batch_size)
         if self.candidate_mode == "auto":
             s["think_threshold"] = self.think_threshold
-            if embedder.gate is not None:
-                s["gate"] = module_fingerprint(embedder.gate)
+            s["gate"] = gate_fingerprint(embedder.gate)
         return s
 
 
@@ -108,6 +107,8 @@ def evaluate(embedder: Embedder, tasks: str | Sequence[str | TaskInfo | RankingT
     cfg = EvalConfig(mode=mode, **options)
     out = Path(out_dir)
     settings = {"model": model_fingerprint(embedder), **cfg.result_settings()}
+    if "auto" in (cfg.mode, cfg.candidate_mode):  # a plug-in gate makes the think / no-think decision
+        settings["gate"] = gate_fingerprint(embedder.gate)
     _claim_run_dir(out, settings)
     cache = EmbeddingCache(cfg.cache_dir or DEFAULT_CACHE, settings["model"],
                            fingerprint(cfg.candidate_settings(embedder)))
