@@ -18,7 +18,6 @@ from eval_fixtures import write_image, write_minimmeb
 from mmemb.data.loaders import rows_task
 from mmemb.data.mmeb import TaskInfo
 from mmemb.eval import metrics as M
-from mmemb.eval.report import write_report
 from mmemb.eval.runner import EvalError, evaluate
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

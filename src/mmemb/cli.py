@@ -128,7 +128,7 @@ def eval_(
     think_threshold: float = typer.Option(0.5, help="auto mode: reason when p(<think>) >= this."),
     max_reasoning_tokens: int = typer.Option(128, help="Reasoning budget per item; </think> is forced after it."),
     max_reasoning_steps: Optional[int] = typer.Option(None, help="Stop reasoning after this many sentences."),
-    batch_size: int = typer.Option(32),
+    batch_size: int = typer.Option(32, help="Encode batch size; finished work is saved every 4 batches."),
     split: str = typer.Option("test", help="MiniMMEB split to evaluate (test | val)."),
     cache: Optional[Path] = typer.Option(None, help="Candidate-embedding cache folder "
                                                     "(default ~/.cache/mmemb/eval, or $MMEMB_CACHE/eval)."),

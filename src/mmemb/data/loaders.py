@@ -26,7 +26,7 @@ import numpy as np
 
 from ..fileio import iter_jsonl
 from ..items import Item, RankingTask
-from .mmeb import BEIR, IMAGE, VIDEO, VISDOC, TaskInfo
+from .mmeb import IMAGE, VIDEO, VISDOC, TaskInfo
 
 NUM_FRAMES = 8
 IMAGE_PLACEHOLDER = "<|image_1|>"

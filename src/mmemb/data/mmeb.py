@@ -27,10 +27,6 @@ MODALITIES = (IMAGE, VIDEO, VISDOC)
 HIT1, NDCG5 = "hit@1", "ndcg@5"
 LOCAL, GLOBAL = "local", "global"
 
-# Loader formats (see mmemb.data.loaders)
-ROWS = "rows"  # MMEB eval rows: qry_* / tgt_* lists, positive first (image, and video with frame folders)
-BEIR = "beir"  # queries / corpus / qrels
-
 
 @dataclass(frozen=True)
 class TaskInfo:
@@ -43,8 +39,7 @@ class TaskInfo:
     eval_type: str  # local | global
     qry_inst: str
     tgt_inst: str
-    fmt: str = ROWS
-    hub: tuple[str, str | None, str] | None = None  # (repo, config or language filter, split)
+    hub: tuple[str, str | None, str] | None = None  # (repo, config, split); visdoc: configs queries/corpus/qrels
     benchmark: str = "mmeb-v2"
     kind: str | None = None  # MiniMMEB: easy | compositional
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -191,7 +186,7 @@ def _build_registry() -> dict[str, TaskInfo]:
     for meta, rows in _VIDEO_TASKS.items():
         tasks += [TaskInfo(n, VIDEO, meta, HIT1, e, q, t) for n, q, t, e in rows]
     for meta, rows in _VISDOC_TASKS.items():
-        tasks += [TaskInfo(n, VISDOC, meta, NDCG5, GLOBAL, _DOC_QRY, _DOC_TGT, fmt=BEIR, hub=h) for n, h in rows]
+        tasks += [TaskInfo(n, VISDOC, meta, NDCG5, GLOBAL, _DOC_QRY, _DOC_TGT, hub=h) for n, h in rows]
     return {t.name: t for t in tasks}
 
 
