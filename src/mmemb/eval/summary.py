@@ -69,8 +69,8 @@ def render_markdown(summary: dict[str, Any], title: str = "Evaluation") -> str:
     cands = summary.get("candidates")
     if cands:
         lines += [f"Candidates: {cands['references']} references, {cands['unique']} unique "
-                  f"(dedup ratio {cands['dedup_ratio']:.3f}), {cands['encoded']} encoded in this run, "
-                  f"{cands['from_cache']} from the cache.", ""]
+                  f"(dedup ratio {cands['dedup_ratio']:.3f}); {cands['encoded']} encoded in this run, "
+                  f"{cands['from_cache']} found in the cache (counted per task).", ""]
     lines += ["| task | modality | meta-task | kind | metric | score | reasoned | gen tok/q | ms/q | failed |",
               "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for name, t in summary["tasks"].items():
