@@ -88,6 +88,92 @@ def minimmeb_build(
 
 
 @app.command()
+def tasks(
+    benchmark: str = typer.Option("mmeb-v2", help="mmeb-v2 (the 78-task registry) | minimmeb (needs --data)."),
+    data: Optional[Path] = typer.Option(None, help="MiniMMEB folder (its manifest.json lists the tasks)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per task instead of a table."),
+):
+    """List benchmark tasks: name, modality, meta-task, main metric, eval type (local / global ranking)."""
+    import json
+
+    from .data.mmeb import TaskSelectionError, benchmark_tasks
+
+    try:
+        registry = benchmark_tasks(benchmark, data)
+    except TaskSelectionError as e:
+        raise typer.BadParameter(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps([t.to_json() for t in registry.values()], indent=2))
+        return
+    width = max(len(n) for n in registry) if registry else 4
+    typer.echo(f"{'task':<{width}}  modality  meta-task         metric  eval    kind")
+    for t in registry.values():
+        typer.echo(f"{t.name:<{width}}  {t.modality:<8}  {t.meta_task:<16}  {t.metric:<6}  {t.eval_type:<6}  "
+                   f"{t.kind or ''}")
+    typer.echo(f"{len(registry)} tasks; groups for --tasks: {benchmark}, {benchmark}-<modality>, "
+               f"<modality>-<meta-task> (e.g. image-classification)")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., help="Checkpoint folder (or hub name when the hub is reachable)."),
+    tasks: str = typer.Option(..., help="Comma-separated task names and/or groups: minimmeb, mmeb-v2, "
+                                        "mmeb-v2-image|video|visdoc, image-classification, ... (see `mmemb tasks`)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: RUN/<TASK>/{predictions.jsonl,score.json}, "
+                                                "RUN/summary.{json,md}. Rerun the same command to resume."),
+    mode: str = typer.Option("direct", help="Queries: direct | reason | auto (reason where the model chooses to)."),
+    data: Optional[Path] = typer.Option(None, help="MiniMMEB folder, or a local MMEB-V2 copy "
+                                                   "(image-tasks/, video-tasks/, visdoc-tasks/; see docs/eval.md)."),
+    candidate_mode: str = typer.Option("direct", help="Candidates: direct | reason | auto."),
+    think_threshold: float = typer.Option(0.5, help="auto mode: reason when p(<think>) >= this."),
+    max_reasoning_tokens: int = typer.Option(128, help="Reasoning budget per item; </think> is forced after it."),
+    max_reasoning_steps: Optional[int] = typer.Option(None, help="Stop reasoning after this many sentences."),
+    batch_size: int = typer.Option(32, help="Encode batch size; finished work is saved every 4 batches."),
+    split: str = typer.Option("test", help="MiniMMEB split to evaluate (test | val)."),
+    cache: Optional[Path] = typer.Option(None, help="Candidate-embedding cache folder "
+                                                    "(default ~/.cache/mmemb/eval, or $MMEMB_CACHE/eval)."),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto"),
+):
+    """Evaluate a model on benchmark tasks (MiniMMEB or MMEB-V2): Hit@1 / NDCG@5 and friends, resumable."""
+    from .data.loaders import DataNotFound
+    from .data.mmeb import TaskSelectionError, resolve_tasks
+    from .embedder import Embedder
+    from .eval.runner import EvalError, evaluate
+
+    try:
+        selected = resolve_tasks(tasks, data)
+    except TaskSelectionError as e:
+        raise typer.BadParameter(str(e), param_hint="--tasks") from None
+    start = time.perf_counter()
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
+    try:
+        summary = evaluate(embedder, selected, out, mode=mode, data=None if data is None else str(data),
+                           candidate_mode=candidate_mode, think_threshold=think_threshold,
+                           max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
+                           batch_size=batch_size, split=split, cache_dir=None if cache is None else str(cache))
+    except (DataNotFound, EvalError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo((out / "summary.md").read_text(encoding="utf-8"))
+    typer.echo(f"wrote {out}/summary.md ({time.perf_counter() - start:.1f}s)")
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run folders written by `mmemb eval`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for report.md and the PNG charts "
+                                                           "(default: the first run folder)."),
+):
+    """Compare runs: a markdown table and PNG bar charts per task and per meta-task."""
+    from .eval.report import write_report
+
+    paths = write_report(runs, out or runs[0])
+    typer.echo(paths["markdown"].read_text(encoding="utf-8"))
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@app.command()
 def demo():
     """The whole method end to end on the embedded default (not yet available)."""
     typer.echo("mmemb demo: not yet available (the end-to-end demo lands with the demo issue).")
