@@ -129,7 +129,7 @@ def test_cli_build_add_search(tiny_path, corpus, tmp_path):
     runner = CliRunner()
     idx = str(tmp_path / "idx")
     r = runner.invoke(app, ["index", "build", "--model", tiny_path, "--input", str(first), "--out", idx,
-                            "--kind", "hnsw"])
+                            "--kind", "hnsw", "--max-reasoning-tokens", "4"])
     assert r.exit_code == 0, r.output
     assert "added 30 items" in r.output
     r = runner.invoke(app, ["index", "add", "--index", idx, "--input", str(more)])  # model from the index

@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from .serve.settings import ServeSettings
+
 app = typer.Typer(
     help="mmemb: multimodal embeddings from a multimodal LLM that reasons only when reasoning helps.",
     no_args_is_help=True,
@@ -64,6 +66,9 @@ def encode(
                f"{time.perf_counter() - start:.1f}s")
 
 
+_SERVE = ServeSettings()  # the server's defaults, shown in `mmemb serve --help`
+
+
 @app.command()
 def serve(
     model: str = typer.Option(..., help="Checkpoint folder to serve."),
@@ -71,27 +76,27 @@ def serve(
     port: int = typer.Option(8000),
     served_model_name: Optional[str] = typer.Option(None, help="Name in /v1/models and in requests' \"model\" "
                                                                 "(default: the checkpoint folder's name)."),
-    max_batch_size: int = typer.Option(32, help="Items per model batch; concurrent requests are merged."),
-    max_wait_ms: float = typer.Option(5.0, help="Longest a request waits for others to share its batch."),
-    max_queued_items: int = typer.Option(8192, help="Items waiting at most; beyond, requests get 503."),
-    max_body_bytes: int = typer.Option(16 * 1024 * 1024, help="Largest request body (413 beyond)."),
-    max_items: int = typer.Option(256, help="Most items in one request (400 beyond)."),
-    max_image_pixels: int = typer.Option(4096 * 4096, help="Largest image, width x height (400 beyond)."),
-    request_timeout: float = typer.Option(60.0, help="Seconds a request may take (504 beyond)."),
+    max_batch_size: int = typer.Option(_SERVE.max_batch_size, help="Items per model batch; concurrent requests are merged."),
+    max_wait_ms: float = typer.Option(_SERVE.max_wait_ms, help="Longest a request waits for others to share its batch."),
+    max_queued_items: int = typer.Option(_SERVE.max_queued_items, help="Items waiting at most; beyond, requests get 503."),
+    max_body_bytes: int = typer.Option(_SERVE.max_body_bytes, help="Largest request body (413 beyond)."),
+    max_items: int = typer.Option(_SERVE.max_items, help="Most items in one request (400 beyond)."),
+    max_image_pixels: int = typer.Option(_SERVE.max_image_pixels, help="Largest image, width x height (400 beyond)."),
+    request_timeout: float = typer.Option(_SERVE.request_timeout_s, help="Seconds a request may take (504 beyond)."),
     allow_local_root: Optional[Path] = typer.Option(None, help="Allow image paths, only inside this folder "
                                                                "(symlinks and .. resolved). Off by default."),
     allow_urls: bool = typer.Option(False, help="Allow http(s) image URLs (fetched by the server). Off by default."),
     api_key: Optional[str] = typer.Option(None, envvar="MMEMB_API_KEY", show_default=False,
                                           help="Require 'Authorization: Bearer KEY' on /v1/*."),
-    think_threshold: float = typer.Option(0.5, help="reasoning=auto: reason when p(<think>) >= this."),
-    max_reasoning_tokens: int = typer.Option(128),
+    think_threshold: float = typer.Option(_SERVE.think_threshold, help="reasoning=auto: reason when p(<think>) >= this."),
+    max_reasoning_tokens: int = typer.Option(_SERVE.max_reasoning_tokens),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
     log_level: str = typer.Option("info"),
 ):
     """Serve an OpenAI-compatible embedding API (POST /v1/embeddings, GET /v1/models, GET /health)."""
     from .embedder import Embedder
-    from .serve import ServeSettings, create_app, run_server
+    from .serve import create_app, run_server
 
     settings = ServeSettings(
         model_name=served_model_name or Path(model).name, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,

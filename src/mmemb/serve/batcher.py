@@ -54,6 +54,7 @@ class DynamicBatcher:
                 "queued_items": self.queued_items}
 
     async def start(self) -> None:
+        self._closing = False
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="mmemb-model")
         self._task = asyncio.create_task(self._loop(), name="mmemb-batcher")
@@ -73,7 +74,7 @@ class DynamicBatcher:
         Cancelling the caller (e.g. a timeout) withdraws the request if it is still queued.
         """
         if self._closing or self._task is None:
-            raise BatcherClosed("the server is shutting down")
+            raise BatcherClosed("the server is shutting down" if self._closing else "the batcher is not started")
         if self.queued_items + len(items) > self.max_queued_items:
             raise BatcherFull(f"{self.queued_items} items are queued (limit {self.max_queued_items})")
         loop = asyncio.get_running_loop()
