@@ -301,7 +301,8 @@ def test_concurrent_requests_share_model_batches(embedder):
 
 def test_a_bad_item_fails_only_its_own_request(embedder):
     thin = Image.new("RGB", (600, 2))  # decodes fine, but the processor refuses its aspect ratio
-    with running(embedder, max_wait_ms=300) as (url, app):
+    # The batch leaves when it holds both requests' 5 items, however long the second takes to come.
+    with running(embedder, max_batch_size=5, max_wait_ms=10_000) as (url, app):
         bad, good = asyncio.run(_concurrent(url, [
             {"input": ["fine", {"text": "thin", "image": image_to_data_url(thin)}], "reasoning": "never"},
             {"input": TEXTS, "reasoning": "never"},
