@@ -55,3 +55,12 @@ def mixed_items():
         Item(text="a much longer text query with several words in it, to pad the others"),
         Item(images=[random_image(rng, 48, 16)]),
     ]
+
+
+@pytest.fixture(scope="session")
+def minimmeb_small(tmp_path_factory):
+    """A small MiniMMEB build (all tasks, few pairs) shared by the tests."""
+    from mmemb.data.minimmeb import BuildConfig, build
+
+    return build(tmp_path_factory.mktemp("minimmeb") / "mm", BuildConfig(seed=7, train_pairs=240, val_queries=4,
+                                                                        test_queries=12))

@@ -80,8 +80,9 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 640, think_tokens: 
 def default_corpus() -> list[str]:
     """Text from the project's own benchmark vocabulary (MiniMMEB) plus the chat roles."""
     from .data.minimmeb_tasks import corpus_lines
+    from .data.minimmeb_teacher import FORMAT_ONLY_TEXTS
 
-    return corpus_lines() + ["system", "user", "assistant"] * 20
+    return corpus_lines() + FORMAT_ONLY_TEXTS * 10 + ["system", "user", "assistant"] * 20
 
 
 def build_tiny_backbone(

@@ -1,0 +1,242 @@
+"""``mmemb rl``: GRPO that teaches the model when to reason.
+
+Each step samples Q training queries and G completions per query from the current policy (the
+first assistant token decides: <emb> ends the completion, <think> continues to </think> or the
+budget), embeds each completion at its <emb>, and rewards it:
+
+    reward = log p(positive | completion's embedding, the batch's targets)      retrieval reward
+             - cost * reasoning_tokens / budget                                  reasoning must pay
+             - malformed_penalty * [budget hit before </think>]
+
+The retrieval reward is the log-probability of the positive under the same softmax over cosine
+similarities / temperature that training optimises: dense (every completion gets a graded
+signal, unlike a 0/1 hit), on the scale of the contrastive loss, and it moves exactly when the
+reasoning makes the match better or worse — the reasoning-utility gap of the paper.
+The update is GRPO (group-normalised advantages, clipped ratio, k3 KL to the frozen joint
+checkpoint), plus an optional direct-path InfoNCE term that keeps embeddings aligned while the
+policy moves.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import trange
+
+from ..backbone import Backbone, load_backbone
+from ..data.pairs import read_pairs
+from ..embedder import Embedder
+from ..fileio import JsonlAppender, atomic_dir, iter_jsonl, read_json, write_json
+from ..generation import Reasoner, SamplingConfig
+from ..items import Pair, load_visuals
+from ..prompts import render_prompt
+from ..teacher_forcing import build_forced_batch, forced_forward
+from .grpo_objective import group_advantages, grpo_loss
+from .rollout import completion_logprobs, sample_groups
+
+
+@dataclass
+class RLConfig:
+    model: str = ""  # the joint-training checkpoint (also the KL reference)
+    out: str = "runs/rl"
+    data: list[str] = field(default_factory=list)  # pair specs (files, globs, benchmark folders)
+    steps: int = 40
+    queries_per_step: int = 16
+    group_size: int = 8
+    lr: float = 2e-4
+    epsilon: float = 0.2
+    beta: float = 0.04
+    temperature: float = 1.0  # sampling temperature of the rationale tokens
+    max_reasoning_tokens: int = 64
+    reward_temperature: float = 0.02
+    cost: float = 0.1  # lambda: reward lost by a completion that uses the whole budget
+    malformed_penalty: float = 1.0
+    nce_weight: float = 0.5  # direct-path InfoNCE beside the policy loss (0 = off)
+    grad_clip: float = 1.0
+    save_every: int = 10
+    seed: int = 0
+    threads: int | None = None
+
+
+def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Path:
+    """Train; return the final checkpoint folder (``out/final``). Resumes from ``out/last``."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    state_path = out / "last"
+    start_step = 0
+    source = cfg.model
+    if resume and (state_path / "rl_state.json").is_file():
+        start_step = read_json(state_path / "rl_state.json")["step"]
+        source = str(state_path)
+    elif (out / "log.jsonl").exists():
+        (out / "log.jsonl").unlink()  # a fresh run starts a fresh log
+    write_json(out / "rl_config.json", asdict(cfg))
+
+    policy = load_backbone(source)
+    reference = load_backbone(cfg.model).eval().requires_grad_(False)
+    policy.train()
+    reasoner = Reasoner(policy)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    pairs = [p for spec in cfg.data for p in read_pairs(spec)]
+    if not pairs:
+        raise ValueError("rl: no training pairs (check --data)")
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if start_step:
+        rng.setstate(_tuple_state(read_json(state_path / "rl_state.json")["python_rng"]))
+        gen.set_state(torch.load(state_path / "torch_rng.pt"))
+        opt.load_state_dict(torch.load(state_path / "optimizer.pt"))
+    sampling = SamplingConfig(max_tokens=cfg.max_reasoning_tokens, temperature=cfg.temperature, generator=gen)
+
+    with JsonlAppender(out / "log.jsonl") as log:
+        for step in trange(start_step, cfg.steps, desc="rl (GRPO)", disable=not show_progress,
+                           initial=start_step, total=cfg.steps):
+            batch = rng.sample(pairs, min(cfg.queries_per_step, len(pairs)))
+            record = rl_step(policy, reference, reasoner, opt, batch, sampling, gen, cfg)
+            record["step"] = step + 1
+            log.write(record)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                _save_state(policy, opt, rng, gen, step + 1, state_path)
+    final = out / "final"
+    with atomic_dir(final) as tmp:
+        policy.save_pretrained(tmp)
+    plot_rl_log(out / "log.jsonl", out / "rl_curves.png")
+    return final
+
+
+def rl_step(policy: Backbone, reference: Backbone, reasoner: Reasoner, opt, batch: list[Pair],
+            sampling: SamplingConfig, gen: torch.Generator, cfg: RLConfig) -> dict:
+    t0 = time.perf_counter()
+    queries = [p.query for p in batch]
+    target_items, positive_index = _targets(batch)
+    embedder = Embedder(policy)
+    targets = torch.from_numpy(embedder.encode(target_items, mode="direct").embeddings)
+
+    policy.eval()
+    ro = sample_groups(policy, reasoner, queries, cfg.group_size, sampling, gen)
+    policy.train()
+    pos = torch.tensor(positive_index)[ro.owners]
+    logp_pos = torch.log_softmax(ro.embeddings @ targets.T / cfg.reward_temperature, dim=-1)[
+        torch.arange(len(pos)), pos]
+    cost = cfg.cost * ro.reasoning_tokens / max(1, cfg.max_reasoning_tokens)
+    malformed = (~ro.closed).float()
+    rewards = logp_pos - cost - cfg.malformed_penalty * malformed
+    adv = group_advantages(rewards, cfg.group_size)
+
+    owners = ro.owners.tolist()
+    prompts = [render_prompt(policy.processor, q) for q in queries]
+    visuals = [load_visuals(q) for q in queries]
+    forced = build_forced_batch(policy, [prompts[o] for o in owners], [visuals[o] for o in owners], ro.rationale_ids)
+    banned = reasoner.banned
+    out = forced_forward(policy, policy, forced, banned=banned)
+    logp, mask = completion_logprobs(out, ro)
+    with torch.no_grad():
+        ref_out = forced_forward(reference, reference, forced, banned=banned)
+        ref_logp, _ = completion_logprobs(ref_out, ro)
+    terms = grpo_loss(logp, logp.detach(), ref_logp, mask, adv, cfg.epsilon, cfg.beta)
+    loss = terms.loss
+    nce = torch.zeros(())
+    if cfg.nce_weight > 0:
+        direct = forced_forward(policy, policy, build_forced_batch(policy, prompts, visuals, [None] * len(queries)))
+        nce = F.cross_entropy(direct.embeddings @ targets.T / cfg.reward_temperature, torch.tensor(positive_index))
+        loss = loss + cfg.nce_weight * nce
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"rl: non-finite loss {loss.item()}; the last saved state is kept")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    opt.step()
+
+    think = ro.think.float()
+    per_task: dict[str, list[float]] = {}
+    for o, t in zip(owners, think.tolist()):
+        per_task.setdefault(batch[o].dataset, []).append(t)
+    n_think = int(ro.think.sum())
+    return {
+        "loss": float(loss.detach()), "policy_loss": float(terms.policy.detach()), "kl": float(terms.kl.detach()),
+        "nce": float(nce.detach()),
+        "reward": float(rewards.mean()), "retrieval_reward": float(logp_pos.mean()),
+        "invocation": float(think.mean()),
+        "invocation_per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
+        "p_think": float(ro.p_think.mean()),
+        "reasoning_tokens": float(ro.reasoning_tokens.sum() / max(1, n_think)),
+        "malformed": float(malformed.mean()), "clipped": float(terms.clipped_share),
+        "grad_norm": float(grad_norm), "seconds": time.perf_counter() - t0,
+    }
+
+
+def _targets(batch: list[Pair]) -> tuple[list, list[int]]:
+    """The batch's targets (positives and hard negatives, deduplicated) and each query's positive."""
+    index: dict[tuple, int] = {}
+    items = []
+    for p in batch:
+        for it in [p.positive, *p.negatives]:
+            key = it.content_key()
+            if key not in index:
+                index[key] = len(items)
+                items.append(it)
+    return items, [index[p.positive.content_key()] for p in batch]
+
+
+def _save_state(policy: Backbone, opt, rng: random.Random, gen: torch.Generator, step: int, path: Path) -> None:
+    with atomic_dir(path) as tmp:
+        policy.save_pretrained(tmp)
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(gen.get_state(), tmp / "torch_rng.pt")
+        write_json(tmp / "rl_state.json", {"step": step, "python_rng": rng.getstate()})
+
+
+def _tuple_state(state):
+    return tuple(_tuple_state(s) if isinstance(s, list) else s for s in state)
+
+
+def plot_rl_log(log_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(iter_jsonl(log_path))
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    axes[0].plot(steps, [r["reward"] for r in rows], label="reward")
+    axes[0].plot(steps, [r["retrieval_reward"] for r in rows], label="retrieval part")
+    axes[0].set_title("mean reward")
+    axes[0].legend()
+    axes[1].plot(steps, [r["kl"] for r in rows])
+    axes[1].set_title("KL to reference")
+    axes[2].plot(steps, [r["invocation"] for r in rows], label="all", color="black", linewidth=2)
+    for task in sorted({t for r in rows for t in r["invocation_per_task"]}):
+        pts = [(r["step"], r["invocation_per_task"][task]) for r in rows if task in r["invocation_per_task"]]
+        axes[2].plot(*zip(*pts), label=task, alpha=0.7)
+    axes[2].set_title("invocation ratio")
+    axes[2].set_ylim(-0.05, 1.05)
+    axes[2].legend(fontsize=6)
+    axes[3].plot(steps, [r["reasoning_tokens"] for r in rows])
+    axes[3].set_title("reasoning tokens (when reasoning)")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def load_rl_config(path: str | Path, overrides: list[str] = ()) -> RLConfig:
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    raw = raw.get("rl", raw)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        raw[key] = yaml.safe_load(value)
+    return RLConfig(**raw)
+

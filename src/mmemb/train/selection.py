@@ -1,0 +1,190 @@
+"""Counterfactual pair-aware selection: keep a rationale only where it makes the match better.
+
+For a pair (query q, positive t+) and each candidate rationale r:
+
+    s(r) = log p(t+ | q with r teacher-forced)   over the pair's candidate set
+    s(0) = log p(t+ | q embedded directly)        the intervention do(r = empty)
+    delta(r) = s(r) - s(0)
+
+where p is the softmax of cosine similarities / temperature over the candidate set (positive,
+the pair's hard negatives, and positives of other pairs of the same dataset). The pair is
+labelled ``reason`` with its best rationale when that rationale's delta exceeds the margin, else
+``direct``. Rationales that imitate reasoning without helping the match ("format only") or
+that mislead it (a misread digit, an arithmetic slip) are dropped.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..embedder import Embedder
+from ..fileio import JsonlAppender, iter_jsonl
+from ..items import Item, Pair, load_visuals
+from ..prefix_cache import embed_tails, prefill
+from ..prompts import render_prompt
+from ..teacher_forcing import build_forced_batch, forced_forward, rationale_ids
+
+
+@dataclass
+class SelectionConfig:
+    margin: float = 0.0
+    temperature: float = 0.02  # the contrastive temperature the model was trained with
+    sampled_negatives: int = 16  # positives of other pairs (same dataset) added to each candidate set
+    queries_per_batch: int = 16
+    max_rationale_tokens: int = 128
+    reuse_prompt: bool = True  # prefill each query once for all its rationales
+    seed: int = 0
+
+
+def select(embedder: Embedder, pairs: Sequence[Pair], rationales: dict[str, list[dict]], out: str | Path,
+           config: SelectionConfig | None = None, show_progress: bool = True) -> dict:
+    """Score every pair's candidate rationales and append one row per pair to ``out`` (resumable)."""
+    cfg = config or SelectionConfig()
+    out = Path(out)
+    done = {r["pair_id"] for r in iter_jsonl(out)} if out.exists() else set()
+    todo = [p for p in pairs if p.id not in done and rationales.get(p.id)]
+    start = time.perf_counter()
+    by_dataset: dict[str, list[Pair]] = {}
+    for p in todo:
+        by_dataset.setdefault(p.dataset, []).append(p)
+    bar = tqdm(total=len(todo), desc="select", disable=not show_progress, unit="pair")
+    with JsonlAppender(out) as writer:
+        for dataset, group in by_dataset.items():
+            for s in range(0, len(group), cfg.queries_per_batch):
+                chunk = group[s:s + cfg.queries_per_batch]
+                for row in score_chunk(embedder, chunk, rationales, cfg):
+                    writer.write(row)
+                bar.update(len(chunk))
+    bar.close()
+    return {"pairs": len(todo), "skipped": len(done), "seconds": time.perf_counter() - start}
+
+
+def candidate_sets(chunk: Sequence[Pair], n_sampled: int, seed: int) -> list[list[Item]]:
+    """Positive first, then the pair's hard negatives, then other pairs' positives (distinct content)."""
+    rng = random.Random(f"{seed}/{chunk[0].id}")
+    sets = []
+    for i, pair in enumerate(chunk):
+        items = [pair.positive, *pair.negatives]
+        seen = {it.content_key() for it in items}
+        others = [p.positive for j, p in enumerate(chunk) if j != i]
+        rng.shuffle(others)
+        for it in others:
+            if len(items) >= 1 + len(pair.negatives) + n_sampled:
+                break
+            if it.content_key() not in seen:
+                seen.add(it.content_key())
+                items.append(it)
+        sets.append(items)
+    return sets
+
+
+@torch.no_grad()
+def score_chunk(embedder: Embedder, chunk: Sequence[Pair], rationales: dict[str, list[dict]],
+                cfg: SelectionConfig) -> list[dict]:
+    bb = embedder.backbone
+    sets = candidate_sets(chunk, cfg.sampled_negatives, cfg.seed)
+    unique: dict[tuple, int] = {}
+    for items in sets:
+        for it in items:
+            unique.setdefault(it.content_key(), len(unique))
+    flat = [None] * len(unique)
+    for items in sets:
+        for it in items:
+            flat[unique[it.content_key()]] = it
+    cand = torch.from_numpy(embedder.encode(flat, mode="direct").embeddings)
+
+    # Each pair: the direct tail (do(r = empty)) and one tail per candidate rationale.
+    owners, tails, rat_tokens, meta = [], [], [], []
+    for q, pair in enumerate(chunk):
+        owners.append(q)
+        tails.append([bb.ids.emb])
+        rat_tokens.append(None)
+        meta.append(None)
+        for row in rationales[pair.id]:
+            ids = rationale_ids(bb, row["text"])[: cfg.max_rationale_tokens]
+            owners.append(q)
+            tails.append([bb.ids.think, *ids, bb.ids.end_think, bb.ids.emb])
+            rat_tokens.append(ids)
+            meta.append(row)
+    queries = [p.query for p in chunk]
+    prompts = [render_prompt(bb.processor, it) for it in queries]
+    visuals = [load_visuals(it) for it in queries]
+    if cfg.reuse_prompt:
+        state = prefill(bb, prompts, visuals)
+        emb = embed_tails(bb, state.repeat(torch.tensor(owners, device=bb.device)), tails)
+    else:
+        batch = build_forced_batch(bb, [prompts[o] for o in owners], [visuals[o] for o in owners], rat_tokens)
+        emb = forced_forward(bb, bb, batch).embeddings
+    emb = emb.cpu()
+
+    scores = []
+    for k, q in enumerate(owners):
+        idx = torch.tensor([unique[it.content_key()] for it in sets[q]])
+        logits = cand[idx] @ emb[k] / cfg.temperature
+        scores.append(float(torch.log_softmax(logits, dim=0)[0]))
+    rows, k = [], 0
+    for q, pair in enumerate(chunk):
+        s_direct = scores[k]
+        k += 1
+        cands = []
+        for row in rationales[pair.id]:
+            entry = {"teacher": row["teacher"], "k": row["k"], "delta": scores[k] - s_direct, "text": row["text"]}
+            if "type" in row:
+                entry["type"] = row["type"]
+            cands.append(entry)
+            k += 1
+        best = max(cands, key=lambda c: c["delta"])
+        reason = best["delta"] > cfg.margin
+        rows.append({
+            "pair_id": pair.id, "dataset": pair.dataset, "kind": pair.meta.get("kind"),
+            "s_direct": s_direct, "label": "reason" if reason else "direct",
+            "rationale": best["text"] if reason else None, "rationale_teacher": best["teacher"] if reason else None,
+            "delta": best["delta"], "margin": cfg.margin, "candidates": cands,
+        })
+    return rows
+
+
+def labelled_pairs(pairs: Sequence[Pair], selection_path: str | Path) -> list[Pair]:
+    """The pairs with the selection's label, and the selected rationale on the query."""
+    verdicts = {r["pair_id"]: r for r in iter_jsonl(selection_path)}
+    out = []
+    for p in pairs:
+        v = verdicts.get(p.id)
+        if v is None:
+            continue
+        query = Item(**{**p.query.__dict__, "rationale": v["rationale"]})
+        out.append(Pair(query=query, positive=p.positive, negatives=p.negatives, dataset=p.dataset, id=p.id,
+                        label=v["label"], meta=p.meta))
+    return out
+
+
+def kept_shares(selection_path: str | Path) -> dict:
+    """Per task kind and rationale type: the share of candidate rationales whose delta > margin."""
+    counts: dict[tuple, list[int]] = {}
+    for r in iter_jsonl(selection_path):
+        for c in r["candidates"]:
+            key = (r.get("kind") or "all", c.get("type", "unknown"))
+            n = counts.setdefault(key, [0, 0])
+            n[0] += c["delta"] > r["margin"]
+            n[1] += 1
+    shares: dict[str, dict[str, float]] = {}
+    for (kind, typ), (kept, total) in sorted(counts.items()):
+        shares.setdefault(kind, {})[typ] = kept / total
+    return shares
+
+
+def deltas_by(selection_path: str | Path, field: str = "type") -> dict[str, np.ndarray]:
+    groups: dict[str, list[float]] = {}
+    for r in iter_jsonl(selection_path):
+        for c in r["candidates"]:
+            key = f"{r.get('kind') or 'all'}/{c.get(field, 'unknown')}"
+            groups.setdefault(key, []).append(c["delta"])
+    return {k: np.array(v) for k, v in groups.items()}

@@ -1,0 +1,57 @@
+"""The plug-in gate: learns a decision from labels, saves/loads, and drives Embedder's auto mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mmemb import Embedder
+from mmemb.data.pairs import read_pairs
+from mmemb.items import load_visuals
+from mmemb.prompts import render_prompt
+from mmemb.train.gate import GateTrainConfig, gate_features, load_gate, train_gate
+
+
+def _labelled(minimmeb_small):
+    pairs = [p for p in read_pairs(minimmeb_small) if p.dataset in ("DigitSum", "DigitClass", "DigitCaption-T2I")]
+    for p in pairs:  # a learnable rule: reason on the compositional task only
+        p.label = "reason" if p.meta["kind"] == "compositional" else "direct"
+    return pairs
+
+
+def test_gate_learns_labels_and_plugs_into_encode(embedders, minimmeb_small, tmp_path):
+    e = embedders["qwen3_vl"]
+    pairs = _labelled(minimmeb_small)
+    gate, metrics = train_gate(e.backbone, pairs, GateTrainConfig(epochs=15, batch_size=16, lr=3e-3, seed=0))
+    assert metrics["accuracy"] >= 0.9, metrics
+    gate.save(tmp_path / "gate")
+    again = load_gate(tmp_path / "gate")
+    queries = [p.query for p in pairs[:8]]
+    prompts = [render_prompt(e.backbone.processor, q) for q in queries]
+    visuals = [load_visuals(q) for q in queries]
+    np.testing.assert_allclose(gate.p_think(prompts, visuals, e.backbone),
+                               again.p_think(prompts, visuals, e.backbone), atol=1e-6)
+
+    gated = Embedder(e.backbone, gate=again)
+    out = gated.encode(queries, mode="auto", max_reasoning_tokens=4)
+    p = np.array(again.p_think(prompts, visuals, e.backbone))
+    assert (out.reasoned == (p >= 0.5)).all()
+    np.testing.assert_allclose(out.p_think, p, atol=1e-6)
+    # a gated item's vector equals the model's own reason / direct vector
+    reason = e.encode(queries, mode="reason", max_reasoning_tokens=4)
+    direct = e.encode(queries, mode="direct")
+    for i in range(len(queries)):
+        ref = reason if out.reasoned[i] else direct
+        assert np.abs(out.embeddings[i] - ref.embeddings[i]).max() <= 1e-4
+
+
+def test_gate_features_put_image_features_in_place(embedders, mixed_items):
+    bb = embedders["qwen3_vl"].backbone
+    items = mixed_items[:2]
+    x, m = gate_features(bb, [render_prompt(bb.processor, it) for it in items], [load_visuals(it) for it in items])
+    ids = bb.prepare([render_prompt(bb.processor, it) for it in items], [load_visuals(it) for it in items])["input_ids"]
+    token_rows = bb.core.get_input_embeddings()(ids)
+    is_image = ids == bb.config.image_token_id
+    assert is_image[0].any() and not is_image[1].any()
+    assert torch.allclose(x[~is_image], token_rows[~is_image].float())
+    assert not torch.allclose(x[is_image], token_rows[is_image].float())

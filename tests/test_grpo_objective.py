@@ -1,0 +1,49 @@
+"""The GRPO objective against a case computed by hand (2 groups of 2 completions)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmemb.train.grpo_objective import group_advantages, grpo_loss
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 3.0, 5.0, 5.0])
+    adv = group_advantages(rewards, group_size=2, eps_std=0.0 + 1e-4)
+    s = math.sqrt(2.0)  # unbiased std of (1, 3)
+    assert adv[:2].tolist() == pytest.approx([-1 / (s + 1e-4), 1 / (s + 1e-4)])
+    assert adv[2:].tolist() == [0.0, 0.0]  # equal rewards: no signal
+
+
+def test_grpo_loss_by_hand():
+    # group 1: completion a (2 tokens), completion b (1 token + padding); group 2: c, d (1 token each)
+    logp = torch.tensor([[-1.0, -0.5], [-2.0, 0.0], [-0.3, 0.0], [-0.7, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -0.5], [-1.5, 0.0], [-0.3, 0.0], [-0.7, 0.0]])
+    ref = torch.tensor([[-1.0, -0.7], [-2.0, 0.0], [-0.5, 0.0], [-0.7, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 0], [1, 0]])
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    eps, beta = 0.2, 0.1
+    terms = grpo_loss(logp, old, ref, mask, adv, epsilon=eps, beta=beta)
+
+    def tok(lp, lo, lr, a):
+        rho = math.exp(lp - lo)
+        surrogate = -min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a)
+        d = lr - lp
+        return surrogate + beta * (math.exp(d) - d - 1)
+
+    a = (tok(-1.0, -1.2, -1.0, 1.0) + tok(-0.5, -0.5, -0.7, 1.0)) / 2  # rho=e^0.2 clipped to 1.2 on token 1
+    b = tok(-2.0, -1.5, -2.0, -1.0)  # rho=e^-0.5 < 0.8: clipped, -min(-0.61,-0.8) = 0.8
+    c = tok(-0.3, -0.3, -0.5, 0.5)
+    d = tok(-0.7, -0.7, -0.7, -0.5)
+    assert terms.loss.item() == pytest.approx((a + b + c + d) / 4, abs=1e-6)
+    assert b == pytest.approx(0.8, abs=1e-6)
+    assert terms.clipped_share.item() == pytest.approx(2 / 5)
+    terms.loss.backward()
+    # a clipped token gives no policy gradient: only the KL term moves it
+    d_kl = lambda lp, lr: beta * (1 - math.exp(lr - lp))  # noqa: E731  d/dlp of k3
+    assert logp.grad[1, 0].item() == pytest.approx(d_kl(-2.0, -2.0) / 4, abs=1e-6)
+    assert logp.grad[0, 1].item() == pytest.approx((-1.0 + d_kl(-0.5, -0.7)) / 2 / 4, abs=1e-6)
+    assert logp.grad[1, 1].item() == 0.0  # padding
