@@ -116,13 +116,16 @@ def test_multimodal_items_round_trip(server, embedder):
     rng = np.random.default_rng(3)
     a, b = random_image(rng, 16, 48), random_image(rng, 32, 32)
     inst = "Represent the given image with the following question:"
+    frames = [random_image(rng, 32, 32) for _ in range(4)]
     items = [Item(text="What is the sum of the digits?", images=[a], instruction=inst),
              Item(images=[a, b], instruction="Represent the given images."),
-             Item(text="3 7 1", instruction="Represent the given caption.")]
+             Item(text="3 7 1", instruction="Represent the given caption."),
+             Item(text="what happens", video=frames, instruction="Represent the given images.")]
     ref = embedder.encode(items, mode="direct")
     payload = [{"text": "What is the sum of the digits?", "image": image_to_data_url(a), "instruction": inst},
                {"images": [image_to_data_url(a), image_to_data_url(b)]},
-               {"text": "3 7 1", "instruction": "Represent the given caption."}]
+               {"text": "3 7 1", "instruction": "Represent the given caption."},
+               {"text": "what happens", "video": [image_to_data_url(f) for f in frames]}]
     # The openai client passes multimodal items through unchanged; "instruction" at the request
     # level is the default for items without one.
     r = client(url).embeddings.create(model=MODEL, input=payload, encoding_format="float",
@@ -144,6 +147,7 @@ def test_bad_requests_say_what_is_wrong(server):
         ({"input": "x", "model": "other"}, 404, "model 'other' is not served here"),
         ({"input": [], "model": MODEL}, 400, "non-empty list"),
         ({"input": [[1, 2, 3]]}, 400, "input[0]: token-id input is not supported"),
+        ({"input": ["ok", ""]}, 400, "input[1]: empty string"),
         ({"input": ["ok", {"txt": "typo"}]}, 400, "input[1]: unknown field(s) ['txt']"),
         ({"input": ["ok", {"instruction": "only"}]}, 400, "input[1]: an item needs a text, an image or a video"),
         ({"input": "x", "reasoning": "sometimes"}, 400, "reasoning"),

@@ -41,6 +41,8 @@ def parse_input(raw: Any, default_instruction: str | None = None, max_items: int
     items = []
     for i, x in enumerate(raw):
         if isinstance(x, str):
+            if not x:
+                raise APIError(400, f"input[{i}]: empty string", f"input[{i}]")
             items.append(Item(text=x, instruction=default_instruction))
         elif isinstance(x, dict):
             items.append(_item_from_dict(i, x, default_instruction))
