@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -196,13 +197,15 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
 
     def median(key: str) -> float:
         return statistics.median(r[key] for r in rounds)
 
     print(json.dumps({
-        "client": args.client, "backbone": args.size, "concurrency": args.concurrency, "requests_per_round": args.requests, "reasoning": args.reasoning,
-        "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "torch_threads": torch.get_num_threads(),
+        "client": args.client, "backbone": args.size, "concurrency": args.concurrency,
+        "requests_per_round": args.requests, "reasoning": args.reasoning, "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms, "torch_threads": torch.get_num_threads(),
         "errors": sum(r["errors"] for r in rounds),
         "median": {k: median(k) for k in ("requests_per_s", "p50_ms", "p99_ms", "mean_batch_items",
                                           "in_process_items_per_s", "server_over_in_process")},

@@ -154,7 +154,8 @@ def _new_faiss_index(config: IndexConfig, first_vectors: np.ndarray) -> Any:
     n = len(first_vectors)
     config.nlist = config.nlist or default_nlist(n)
     if config.nlist > n:
-        raise ValueError(f"an IVF index with {config.nlist} lists needs at least {config.nlist} vectors to train on, got {n}")
+        raise ValueError(f"an IVF index with {config.nlist} lists needs at least {config.nlist} vectors "
+                         f"to train on, got {n}")
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, config.nlist, faiss.METRIC_INNER_PRODUCT)
     index.train(first_vectors)
     return index
