@@ -189,6 +189,22 @@ def test_timeout_gives_504_and_the_server_goes_on(embedder):
         assert post(url, {"input": "next", "reasoning": "never"}).status_code == 200
 
 
+class BrokenEmbedder:
+    """A model that fails as a whole (not an item's fault)."""
+
+    dim = 8
+
+    def encode(self, items, **kw):
+        raise MemoryError("out of memory")
+
+
+def test_a_failing_model_answers_500_in_the_openai_format():
+    with running(BrokenEmbedder()) as (url, _):
+        r = post(url, {"input": "x"})
+        assert r.status_code == 500 and error_message(r) == "internal error: MemoryError: out of memory"
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
 def test_busy_server_answers_503(embedder):
     with running(SlowEmbedder(embedder, 0.5), max_queued_items=2, max_wait_ms=0) as (url, _):
         def send(texts, out, k):

@@ -72,6 +72,11 @@ def create_app(embedder: Any, settings: ServeSettings | None = None) -> FastAPI:
     async def _http_error(request: Request, e: StarletteHTTPException):
         return APIError(e.status_code, str(e.detail)).response()
 
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):  # a bug or the model failing, not the input
+        # (Starlette re-raises it after this answer, and uvicorn logs the traceback.)
+        return APIError(500, f"internal error: {type(e).__name__}: {e}").response()
+
     async def check_api_key(request: Request) -> None:
         if settings.api_key is None:
             return
@@ -123,9 +128,9 @@ def create_app(embedder: Any, settings: ServeSettings | None = None) -> FastAPI:
         except BatcherClosed as e:
             raise APIError(503, str(e)) from None
         if res.errors:
-            first = res.errors[0].index
-            raise APIError(400, "; ".join(f"input[{e.index}]: {e.reason}" for e in res.errors[:5]),
-                           f"input[{first}]")
+            errors = sorted(res.errors, key=lambda e: e.index)
+            raise APIError(400, "; ".join(f"input[{e.index}]: {e.reason}" for e in errors[:5]),
+                           f"input[{errors[0].index}]")
         return res
 
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 503: "server_busy", 504: "timeout"}
+          413: "invalid_request_error", 500: "server_error", 503: "server_busy", 504: "timeout"}
 
 
 class APIError(Exception):
