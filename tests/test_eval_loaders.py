@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eval_fixtures import write_image, write_jsonl, write_minimmeb
+from .eval_fixtures import write_image, write_jsonl, write_minimmeb
 from mmemb.data.loaders import DataNotFound, load_task, sample_frames
 from mmemb.data.mmeb import MMEB_V2, resolve_tasks
 

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
-from eval_fixtures import write_minimmeb
+from .eval_fixtures import write_minimmeb
 from mmemb.cli import app
 from mmemb.data.mmeb import MMEB_V2, TaskSelectionError, resolve_tasks
 

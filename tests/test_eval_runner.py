@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval_fixtures import write_image, write_minimmeb
+from .eval_fixtures import write_image, write_minimmeb
 from mmemb.data.loaders import rows_task
 from mmemb.data.mmeb import TaskInfo
 from mmemb.eval import metrics as M
@@ -236,7 +236,7 @@ def test_metrics_module_is_what_the_runner_reports(embedder, tmp_path):
 def test_global_ranking_video_and_visual_documents(embedder, tmp_path):
     """Global tasks rank the whole pool: a video classification task over its label set and a
     BEIR document task with graded relevance (main metric NDCG@5)."""
-    from eval_fixtures import write_jsonl
+    from .eval_fixtures import write_jsonl
 
     data = tmp_path / "mmeb"
     videos = data / "video-tasks"
