@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from .serve.settings import ServeSettings
 
 app = typer.Typer(
     help="mmemb: multimodal embeddings from a multimodal LLM that reasons only when reasoning helps.",
@@ -99,6 +102,174 @@ def train_cmd(
         typer.echo(f"final model: {final}")
 
 
+_SERVE = ServeSettings()  # the server's defaults, shown in `mmemb serve --help`
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(..., help="Checkpoint folder to serve."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000),
+    served_model_name: Optional[str] = typer.Option(None, help="Name in /v1/models and in requests' \"model\" "
+                                                                "(default: the checkpoint folder's name)."),
+    max_batch_size: int = typer.Option(_SERVE.max_batch_size,
+                                       help="Items per model batch; concurrent requests are merged."),
+    max_wait_ms: float = typer.Option(_SERVE.max_wait_ms,
+                                      help="Longest a request waits for others to share its batch."),
+    max_queued_items: int = typer.Option(_SERVE.max_queued_items,
+                                         help="Items waiting at most; beyond, requests get 503."),
+    max_body_bytes: int = typer.Option(_SERVE.max_body_bytes, help="Largest request body (413 beyond)."),
+    max_items: int = typer.Option(_SERVE.max_items, help="Most items in one request (400 beyond)."),
+    max_image_pixels: int = typer.Option(_SERVE.max_image_pixels, help="Largest image, width x height (400 beyond)."),
+    request_timeout: float = typer.Option(_SERVE.request_timeout_s, help="Seconds a request may take (504 beyond)."),
+    allow_local_root: Optional[Path] = typer.Option(None, help="Allow image paths, only inside this folder "
+                                                               "(symlinks and .. resolved). Off by default."),
+    allow_urls: bool = typer.Option(False, help="Allow http(s) image URLs (fetched by the server). Off by default."),
+    api_key: Optional[str] = typer.Option(None, envvar="MMEMB_API_KEY", show_default=False,
+                                          help="Require 'Authorization: Bearer KEY' on /v1/*."),
+    think_threshold: float = typer.Option(_SERVE.think_threshold,
+                                          help="reasoning=auto: reason when p(<think>) >= this."),
+    max_reasoning_tokens: int = typer.Option(_SERVE.max_reasoning_tokens),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto"),
+    log_level: str = typer.Option("info"),
+):
+    """Serve an OpenAI-compatible embedding API (POST /v1/embeddings, GET /v1/models, GET /health)."""
+    from .embedder import Embedder
+    from .serve import create_app, run_server
+
+    settings = ServeSettings(
+        model_name=served_model_name or Path(model).name, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+        max_queued_items=max_queued_items, max_body_bytes=max_body_bytes, max_items=max_items,
+        max_image_pixels=max_image_pixels, request_timeout_s=request_timeout,
+        allow_local_root=None if allow_local_root is None else str(allow_local_root), allow_urls=allow_urls,
+        api_key=api_key or None, think_threshold=think_threshold, max_reasoning_tokens=max_reasoning_tokens)
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto",
+                                        max_image_pixels=max_image_pixels)
+    run_server(create_app(embedder, settings), host=host, port=port, log_level=log_level)
+
+
+index_app = typer.Typer(help="Build and extend FAISS indexes of encoded items (then use `mmemb search`).",
+                        no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    model: str = typer.Option(..., help="Checkpoint folder to encode with (recorded in the index)."),
+    input: Path = typer.Option(..., "--input", help="JSONL corpus: one item per line, e.g. "
+                                                    '{"id": "d1", "text": "...", "image": "img.png"}'),
+    out: Path = typer.Option(..., help="Index folder to write (replaced atomically)."),
+    mode: str = typer.Option("direct", help="How to encode the corpus: direct | reason | auto."),
+    kind: str = typer.Option("flat", help="flat (exact) | ivf | hnsw (approximate, for large corpora)."),
+    nlist: Optional[int] = typer.Option(None, help="ivf: number of lists (default ~sqrt(n), trained on the corpus)."),
+    nprobe: int = typer.Option(8, help="ivf: lists searched per query."),
+    hnsw_m: int = typer.Option(32, help="hnsw: links per node."),
+    ef_search: int = typer.Option(64, help="hnsw: candidates explored per query."),
+    batch_size: int = typer.Option(32),
+    think_threshold: float = typer.Option(0.5, help="auto mode: reason when p(<think>) >= this."),
+    max_reasoning_tokens: int = typer.Option(128),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto"),
+):
+    """Encode a JSONL corpus into a new index (resumable: rerun after a kill to continue)."""
+    from .embedder import Embedder
+    from .index import IndexConfig
+    from .index_job import build_index
+
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
+    with _user_errors():
+        config = IndexConfig(model=_model_ref(model), dim=embedder.dim, kind=kind, mode=mode,
+                             think_threshold=think_threshold, max_reasoning_tokens=max_reasoning_tokens,
+                             nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
+        report = build_index(embedder, input, out, config, batch_size=batch_size, show_progress=True)
+    _echo_report(report, out)
+
+
+@index_app.command("add")
+def index_add(
+    index: Path = typer.Option(..., help="Index folder (from `mmemb index build`)."),
+    input: Path = typer.Option(..., "--input", help="JSONL of new items; their ids must be new."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint folder (default: the one the index records)."),
+    batch_size: int = typer.Option(32),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto"),
+):
+    """Add items to an existing index; earlier items keep their ids, duplicate ids are refused."""
+    from .embedder import Embedder
+    from .index import VectorIndex
+    from .index_job import add_to_index
+
+    with _user_errors():
+        recorded = VectorIndex.load(index).config.model
+        if model is not None and _model_ref(model) != recorded:
+            typer.echo(f"warning: the index was built with {recorded}; adding vectors of {model}", err=True)
+        embedder = Embedder.from_pretrained(model or recorded, device=device, dtype=dtype, gate="auto")
+        report = add_to_index(embedder, input, index, batch_size=batch_size, show_progress=True)
+    _echo_report(report, index)
+
+
+@app.command()
+def search(
+    index: Path = typer.Option(..., help="Index folder (from `mmemb index build`)."),
+    query: Optional[str] = typer.Option(None, help="Query text."),
+    image: Optional[Path] = typer.Option(None, help="Query image."),
+    instruction: Optional[str] = typer.Option(None, help="Task instruction for the query."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint folder (default: the one the index records)."),
+    k: int = typer.Option(10, "-k", "--k", help="Number of results."),
+    reasoning: str = typer.Option("auto", help="auto (the model decides) | always | never."),
+    nprobe: Optional[int] = typer.Option(None, help="ivf: lists searched (default: as built)."),
+    ef_search: Optional[int] = typer.Option(None, help="hnsw: candidates explored (default: as built)."),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto"),
+):
+    """Print the best matches of a query (rank, score, id, text) and the query's rationale if it reasoned."""
+    from .embedder import REASONING_MODES, Embedder
+    from .index import VectorIndex
+    from .index_job import search as run_search
+    from .items import Item
+
+    if query is None and image is None:
+        raise typer.BadParameter("give --query, --image or both")
+    if reasoning not in REASONING_MODES:
+        raise typer.BadParameter(f"--reasoning must be one of {list(REASONING_MODES)}")
+    with _user_errors():
+        idx = VectorIndex.load(index)
+        idx.config.nprobe = nprobe or idx.config.nprobe
+        idx.config.ef_search = ef_search or idx.config.ef_search
+        embedder = Embedder.from_pretrained(model or idx.config.model, device=device, dtype=dtype, gate="auto")
+        item = Item(text=query, images=[str(image)] if image else [], instruction=instruction)
+        hits, enc = run_search(idx, embedder, [item], k=k, mode=REASONING_MODES[reasoning])
+    if enc.reasoned[0]:
+        typer.echo(f"query rationale: {enc.rationales[0]}")
+    typer.echo(f"{'rank':>4}  {'score':>7}  id\ttext")
+    for hit in hits[0]:
+        text = hit.row.get("text") or " ".join(hit.row.get("images", []))
+        typer.echo(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.id}\t{text[:100]}")
+
+
+def _model_ref(model: str) -> str:
+    """A model folder as an absolute path (usable from anywhere); other names as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def _echo_report(report, path: Path) -> None:
+    typer.echo(f"added {report.added} items to {path} ({report.total} in all), "
+               f"{len(report.failed)} failed, {report.seconds:.1f}s")
+    for item_id, reason in report.failed[:20]:
+        typer.echo(f"  failed {item_id}: {reason}", err=True)
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Bad input (missing files, duplicate ids, bad rows) ends the command with its message, not a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
 minimmeb_app = typer.Typer(help="MiniMMEB, the embedded benchmark (scikit-learn's scanned digits, MMEB format).",
                            no_args_is_help=True)
 app.add_typer(minimmeb_app, name="minimmeb")
@@ -121,6 +292,92 @@ def minimmeb_build(
     m = manifest(out)
     typer.echo(f"MiniMMEB ({len(m['tasks'])} tasks, scans {m['scans']}) written to {out} "
                f"in {time.perf_counter() - start:.1f}s")
+
+
+@app.command()
+def tasks(
+    benchmark: str = typer.Option("mmeb-v2", help="mmeb-v2 (the 78-task registry) | minimmeb (needs --data)."),
+    data: Optional[Path] = typer.Option(None, help="MiniMMEB folder (its manifest.json lists the tasks)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per task instead of a table."),
+):
+    """List benchmark tasks: name, modality, meta-task, main metric, eval type (local / global ranking)."""
+    import json
+
+    from .data.mmeb import TaskSelectionError, benchmark_tasks
+
+    try:
+        registry = benchmark_tasks(benchmark, data)
+    except TaskSelectionError as e:
+        raise typer.BadParameter(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps([t.to_json() for t in registry.values()], indent=2))
+        return
+    width = max(len(n) for n in registry) if registry else 4
+    typer.echo(f"{'task':<{width}}  modality  meta-task         metric  eval    kind")
+    for t in registry.values():
+        typer.echo(f"{t.name:<{width}}  {t.modality:<8}  {t.meta_task:<16}  {t.metric:<6}  {t.eval_type:<6}  "
+                   f"{t.kind or ''}")
+    typer.echo(f"{len(registry)} tasks; groups for --tasks: {benchmark}, {benchmark}-<modality>, "
+               f"<modality>-<meta-task> (e.g. image-classification)")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., help="Checkpoint folder (or hub name when the hub is reachable)."),
+    tasks: str = typer.Option(..., help="Comma-separated task names and/or groups: minimmeb, mmeb-v2, "
+                                        "mmeb-v2-image|video|visdoc, image-classification, ... (see `mmemb tasks`)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: RUN/<TASK>/{predictions.jsonl,score.json}, "
+                                                "RUN/summary.{json,md}. Rerun the same command to resume."),
+    mode: str = typer.Option("direct", help="Queries: direct | reason | auto (reason where the model chooses to)."),
+    data: Optional[Path] = typer.Option(None, help="MiniMMEB folder, or a local MMEB-V2 copy "
+                                                   "(image-tasks/, video-tasks/, visdoc-tasks/; see docs/eval.md)."),
+    candidate_mode: str = typer.Option("direct", help="Candidates: direct | reason | auto."),
+    think_threshold: float = typer.Option(0.5, help="auto mode: reason when p(<think>) >= this."),
+    max_reasoning_tokens: int = typer.Option(128, help="Reasoning budget per item; </think> is forced after it."),
+    max_reasoning_steps: Optional[int] = typer.Option(None, help="Stop reasoning after this many sentences."),
+    batch_size: int = typer.Option(32, help="Encode batch size; finished work is saved every 4 batches."),
+    split: str = typer.Option("test", help="MiniMMEB split to evaluate (test | val)."),
+    cache: Optional[Path] = typer.Option(None, help="Candidate-embedding cache folder "
+                                                    "(default ~/.cache/mmemb/eval, or $MMEMB_CACHE/eval)."),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto"),
+):
+    """Evaluate a model on benchmark tasks (MiniMMEB or MMEB-V2): Hit@1 / NDCG@5 and friends, resumable."""
+    from .data.loaders import DataNotFound
+    from .data.mmeb import TaskSelectionError, resolve_tasks
+    from .embedder import Embedder
+    from .eval.runner import EvalError, evaluate
+
+    try:
+        selected = resolve_tasks(tasks, data)
+    except TaskSelectionError as e:
+        raise typer.BadParameter(str(e), param_hint="--tasks") from None
+    start = time.perf_counter()
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
+    try:
+        summary = evaluate(embedder, selected, out, mode=mode, data=None if data is None else str(data),
+                           candidate_mode=candidate_mode, think_threshold=think_threshold,
+                           max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
+                           batch_size=batch_size, split=split, cache_dir=None if cache is None else str(cache))
+    except (DataNotFound, EvalError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo((out / "summary.md").read_text(encoding="utf-8"))
+    typer.echo(f"wrote {out}/summary.md ({time.perf_counter() - start:.1f}s)")
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run folders written by `mmemb eval`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for report.md and the PNG charts "
+                                                           "(default: the first run folder)."),
+):
+    """Compare runs: a markdown table and PNG bar charts per task and per meta-task."""
+    from .eval.report import write_report
+
+    paths = write_report(runs, out or runs[0])
+    typer.echo(paths["markdown"].read_text(encoding="utf-8"))
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 @app.command()

@@ -26,6 +26,8 @@ from .items import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Item, ItemError, as_ite
 from .prompts import EMB, THINK, render_prompt
 
 MODES = ("direct", "reason", "auto")
+# The user-facing reasoning switch (server requests, search) -> the encode mode.
+REASONING_MODES = {"auto": "auto", "always": "reason", "never": "direct"}
 WINDOW_BATCHES = 16  # batches whose images are held in memory at once
 
 

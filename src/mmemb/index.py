@@ -1,0 +1,167 @@
+"""A FAISS inner-product index over L2-normalised vectors, with the items' metadata beside it.
+
+An index is a folder, always written whole and atomically::
+
+    INDEX/config.json   model, encode settings, index kind and parameters, dimension, count
+    INDEX/index.faiss   the vectors; FAISS label i is row i of items.jsonl (the id map)
+    INDEX/items.jsonl   one row per vector: id, text, instruction, images, meta, reasoned, rationale
+
+Kinds: ``flat`` (exact; the default), ``ivf`` (inverted lists, trained on the vectors it is built
+from; ``nprobe`` lists searched) and ``hnsw`` (graph; ``ef_search`` candidates explored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .fileio import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
+
+KINDS = ("flat", "ivf", "hnsw")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class IndexConfig:
+    model: str  # the checkpoint the vectors come from (search defaults to it)
+    dim: int
+    kind: str = "flat"
+    mode: str = "direct"  # how the items were encoded
+    think_threshold: float = 0.5
+    max_reasoning_tokens: int = 128
+    nlist: int | None = None  # ivf: number of lists (default ~sqrt(n), at most n/39)
+    nprobe: int = 8  # ivf: lists searched per query
+    hnsw_m: int = 32  # hnsw: links per node
+    ef_search: int = 64  # hnsw: candidates explored per query
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"index kind must be one of {KINDS}, not {self.kind!r}")
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float  # inner product = cosine similarity
+    id: str
+    row: dict[str, Any]  # the item's stored metadata
+
+
+class VectorIndex:
+    def __init__(self, config: IndexConfig, faiss_index: Any = None, rows: list[dict] | None = None):
+        self.config = config
+        self.faiss = faiss_index  # None until the first vectors arrive (IVF trains on them)
+        self.rows = rows or []
+        self._ids = {r["id"] for r in self.rows}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def duplicate_ids(self, ids: list[str]) -> list[str]:
+        """Ids that are already in the index or repeated in ``ids``."""
+        seen, dups = set(self._ids), []
+        for i in ids:
+            if i in seen:
+                dups.append(i)
+            seen.add(i)
+        return dups
+
+    def add(self, vectors: np.ndarray, rows: list[dict]) -> None:
+        """Add normalised vectors and their metadata rows (each with a unique ``id``)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.config.dim or len(vectors) != len(rows):
+            raise ValueError(f"expected {len(rows)} vectors of dimension {self.config.dim}, got {vectors.shape}")
+        dups = self.duplicate_ids([r["id"] for r in rows])
+        if dups:
+            raise ValueError(f"duplicate ids: {format_ids(dups)}")
+        if not len(rows):
+            return
+        if self.faiss is None:
+            self.faiss = _new_faiss_index(self.config, vectors)
+        self.faiss.add(vectors)
+        self.rows.extend(rows)
+        self._ids.update(r["id"] for r in rows)
+
+    def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """The ``k`` best items for each query vector, best first."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if self.faiss is None or not len(self):
+            return [[] for _ in queries]
+        self._set_search_params()
+        scores, labels = self.faiss.search(queries, min(k, len(self)))
+        results = []
+        for srow, lrow in zip(scores, labels):
+            found = [(float(s), int(j)) for s, j in zip(srow, lrow) if j >= 0]  # -1: fewer than k found
+            results.append([Hit(r + 1, s, self.rows[j]["id"], self.rows[j]) for r, (s, j) in enumerate(found)])
+        return results
+
+    def save(self, path: str | Path) -> None:
+        import faiss
+
+        with atomic_dir(path) as tmp:
+            write_json(tmp / "config.json", {"format_version": FORMAT_VERSION, "count": len(self),
+                                             **dataclasses.asdict(self.config)})
+            write_jsonl(tmp / "items.jsonl", self.rows)
+            if self.faiss is not None:
+                faiss.write_index(self.faiss, str(tmp / "index.faiss"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "VectorIndex":
+        import faiss
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not an index folder (no config.json)")
+        raw = read_json(path / "config.json")
+        if raw.pop("format_version", None) != FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported index format")
+        count = raw.pop("count")
+        config = IndexConfig(**raw)
+        rows = read_jsonl(path / "items.jsonl")
+        index = faiss.read_index(str(path / "index.faiss")) if (path / "index.faiss").exists() else None
+        n = 0 if index is None else index.ntotal
+        if not (len(rows) == n == count):
+            raise ValueError(f"{path}: {len(rows)} metadata rows, {n} vectors, {count} recorded: the index is damaged")
+        return cls(config, index, rows)
+
+    def _set_search_params(self) -> None:
+        import faiss
+
+        if self.config.kind == "ivf":
+            faiss.extract_index_ivf(self.faiss).nprobe = self.config.nprobe
+        elif self.config.kind == "hnsw":
+            self.faiss.hnsw.efSearch = self.config.ef_search
+
+
+def default_nlist(n: int) -> int:
+    """About sqrt(n) lists, keeping >= 39 training vectors per list (FAISS's k-means minimum)."""
+    return max(1, min(round(math.sqrt(n)), n // 39))
+
+
+def _new_faiss_index(config: IndexConfig, first_vectors: np.ndarray) -> Any:
+    import faiss
+
+    d = config.dim
+    if config.kind == "flat":
+        return faiss.IndexFlatIP(d)
+    if config.kind == "hnsw":
+        return faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    n = len(first_vectors)
+    config.nlist = config.nlist or default_nlist(n)
+    if config.nlist > n:
+        raise ValueError(f"an IVF index with {config.nlist} lists needs at least {config.nlist} vectors "
+                         f"to train on, got {n}")
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, config.nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(first_vectors)
+    return index
+
+
+def format_ids(ids: list[str], n: int = 5) -> str:
+    """The first ``n`` ids for a message, and how many more there are."""
+    shown = ", ".join(repr(i) for i in ids[:n])
+    return shown + (f" and {len(ids) - n} more" if len(ids) > n else "")
