@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from step_check import step_results
-from train_helpers import write_mixed
+from .step_check import step_results
+from .train_helpers import write_mixed
 
 HERE = Path(__file__).resolve().parent
 DIRECT_ONLY = ("loss.reason_nce=0", "loss.lm=0", "loss.decision=0")
@@ -55,7 +55,7 @@ def test_gradcache_replays_dropout_masks_with_lora_and_checkpointing(tiny_path, 
 
 def test_two_processes_equal_one_process(tiny_path, mixed_data, tmp_path):
     out = tmp_path / "rank0.pt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE)]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "dist_train_check.py"), tiny_path, mixed_data, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
