@@ -115,7 +115,7 @@ class Backbone(nn.Module):
         hidden = out.last_hidden_state
         logits = None
         if logits_index is not None:
-            logits = self.lm_head(hidden[logits_index[0], logits_index[1]]).float()
+            logits = at_least_fp32(self.lm_head(hidden[logits_index[0], logits_index[1]]))
         return BackboneOutput(hidden=hidden, logits=logits, cache=out.past_key_values if cache is not None else None)
 
     def prepare(self, texts: list[str], visuals: list[tuple[list[Any], list[Any] | None]]) -> dict[str, torch.Tensor]:
@@ -166,6 +166,11 @@ class Backbone(nn.Module):
     def save_pretrained(self, out: str | Path, **kwargs) -> None:
         self.model.save_pretrained(out, safe_serialization=True, **kwargs)
         self.processor.save_pretrained(out)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 up to float32; float64 stays (exactness tests run the model in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _token_ids(tokenizer) -> TokenIds:
@@ -265,7 +270,16 @@ def load_backbone(
         base, dtype=torch_dtype, attn_implementation=attn_implementation, use_safetensors=True,
         trust_remote_code=trust_remote_code,
     )
-    add_protocol_tokens(model, processor)
+    if adapter.is_file() and source != base:
+        # The adapter was trained on the base with the protocol tokens added to the *base*
+        # tokenizer: add them the same way (same rows, same mean initialisation), whatever the
+        # adapter folder's saved tokenizer already holds.
+        base_processor = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code)
+        add_protocol_tokens(model, base_processor)
+        if base_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
+            raise ValueError(f"{source}: the adapter's tokenizer differs from its base {base!r} plus the protocol tokens")
+    else:
+        add_protocol_tokens(model, processor)
     if adapter.is_file():
         from peft import PeftModel
 

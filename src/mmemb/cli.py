@@ -66,6 +66,42 @@ def encode(
                f"{time.perf_counter() - start:.1f}s")
 
 
+@app.command("train")
+def train_cmd(
+    config: Path = typer.Option(..., "--config", help="YAML recipe (see configs/ and docs/training.md)."),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="key=value overrides of the recipe, e.g. lr=3e-4 loss.temperature=0.05 lora.enabled=true "
+                   "datasets.0.weight=2 (values are YAML)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output_dir."),
+    num_processes: int = typer.Option(1, "--num-processes", help="Re-launch through `accelerate launch` on N "
+                                                                 "processes (DDP; gloo on CPU)."),
+    accelerate_config: Optional[Path] = typer.Option(
+        None, "--accelerate-config", help="An accelerate config file (FSDP, DeepSpeed; see configs/accelerate/) "
+                                          "for the re-launch."),
+):
+    """Contrastive / joint training of a backbone from a recipe (resumable; runs under accelerate)."""
+    import os
+    import subprocess
+    import sys
+
+    from .train.config import ConfigError, load_config
+    from .train.launch import launch_command, launched
+    from .train.trainer import RunExists, TrainingDiverged, check_output_dir, train
+
+    try:
+        if (num_processes > 1 or accelerate_config) and not launched():
+            check_output_dir(load_config(config, overrides or []), resume)  # fail here, not in N processes
+            args = [f"--config={config}", *(["--resume"] if resume else []), *(overrides or [])]
+            cmd = launch_command(args, num_processes, str(accelerate_config) if accelerate_config else None)
+            raise typer.Exit(subprocess.call(cmd))
+        final = train(config, overrides or [], resume=resume)
+    except (ConfigError, RunExists, TrainingDiverged, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"final model: {final}")
+
+
 _SERVE = ServeSettings()  # the server's defaults, shown in `mmemb serve --help`
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .backbone import Backbone
+from .backbone import Backbone, at_least_fp32
 
 
 @dataclass
@@ -130,5 +130,5 @@ def forced_forward(model: Any, backbone: Backbone, batch: ForcedBatch, banned: t
     if banned is not None:
         target_logits = target_logits.masked_fill(banned.to(target_logits.device), float("-inf"))
     target_logprobs = torch.log_softmax(target_logits, dim=-1).gather(1, batch.target_ids.view(-1, 1)).flatten()
-    emb = F.normalize(out.hidden[:, -1].float(), dim=-1)
+    emb = F.normalize(at_least_fp32(out.hidden[:, -1]), dim=-1)
     return ForcedOutput(emb, decision, target_logprobs, batch.target_row)
