@@ -279,7 +279,8 @@ def _score(task: RankingTask, queries: dict[str, Any], vectors: np.ndarray, ok: 
             idx, where = np.array([pos[c] for c in ids], int), {c: j for j, c in enumerate(ids)}
         row: dict[str, Any] = {"query_id": q.id, "gold": gold, "reasoned": bool(queries["reasoned"][qi]),
                                "rationale": queries["rationales"][qi],
-                               "p_think": round(float(queries["p_think"][qi]), 6)}
+                               "p_think": round(float(queries["p_think"][qi]), 6),
+                               "generated_tokens": int(queries["generated_tokens"][qi])}
         if not queries["ok"][qi]:
             m = M.zero_metrics()
             row.update(top=[], failed=queries["errors"].get(qi, "not encoded"))

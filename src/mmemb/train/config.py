@@ -156,9 +156,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
     for key, value in values.items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return build(TrainConfig, raw, "").validate()
 
 
@@ -221,7 +221,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):

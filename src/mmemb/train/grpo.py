@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import trange
 
 from ..backbone import Backbone, load_backbone
@@ -37,6 +36,7 @@ from ..items import Pair, load_visuals
 from ..prompts import render_prompt
 from ..teacher_forcing import build_forced_batch, forced_forward
 from .grpo_objective import group_advantages, grpo_loss
+from .losses import info_nce, target_masks
 from .rollout import completion_logprobs, sample_groups
 
 
@@ -64,7 +64,7 @@ class RLConfig:
 
 
 def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Path:
-    """Train; return the final checkpoint folder (``out/final``). Resumes from ``out/last``."""
+    """Train; return the final checkpoint folder (``out/model``). Resumes from ``out/last``."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -104,7 +104,7 @@ def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Pa
             log.write(record)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 _save_state(policy, opt, rng, gen, step + 1, state_path)
-    final = out / "final"
+    final = out / "model"
     with atomic_dir(final) as tmp:
         policy.save_pretrained(tmp)
     plot_rl_log(out / "log.jsonl", out / "rl_curves.png")
@@ -115,16 +115,14 @@ def rl_step(policy: Backbone, reference: Backbone, reasoner: Reasoner, opt, batc
             sampling: SamplingConfig, gen: torch.Generator, cfg: RLConfig) -> dict:
     t0 = time.perf_counter()
     queries = [p.query for p in batch]
-    target_items, positive_index = _targets(batch)
-    embedder = Embedder(policy)
-    targets = torch.from_numpy(embedder.encode(target_items, mode="direct").embeddings)
+    target_items, positive = _targets(batch)
+    targets = torch.from_numpy(Embedder(policy).encode(target_items, mode="direct").embeddings)
 
     policy.eval()
     ro = sample_groups(policy, reasoner, queries, cfg.group_size, sampling, gen)
     policy.train()
-    pos = torch.tensor(positive_index)[ro.owners]
-    logp_pos = torch.log_softmax(ro.embeddings @ targets.T / cfg.reward_temperature, dim=-1)[
-        torch.arange(len(pos)), pos]
+    logits = ro.embeddings @ targets.T / cfg.reward_temperature
+    logp_pos = torch.logsumexp(logits.masked_fill(~positive[ro.owners], float("-inf")), 1) - torch.logsumexp(logits, 1)
     cost = cfg.cost * ro.reasoning_tokens / max(1, cfg.max_reasoning_tokens)
     malformed = (~ro.closed).float()
     rewards = logp_pos - cost - cfg.malformed_penalty * malformed
@@ -145,7 +143,8 @@ def rl_step(policy: Backbone, reference: Backbone, reasoner: Reasoner, opt, batc
     nce = torch.zeros(())
     if cfg.nce_weight > 0:
         direct = forced_forward(policy, policy, build_forced_batch(policy, prompts, visuals, [None] * len(queries)))
-        nce = F.cross_entropy(direct.embeddings @ targets.T / cfg.reward_temperature, torch.tensor(positive_index))
+        counted = torch.ones(len(target_items), dtype=torch.bool)
+        nce, _ = info_nce(direct.embeddings, targets, positive, counted, cfg.reward_temperature)
         loss = loss + cfg.nce_weight * nce
     if not torch.isfinite(loss):
         raise FloatingPointError(f"rl: non-finite loss {loss.item()}; the last saved state is kept")
@@ -172,17 +171,21 @@ def rl_step(policy: Backbone, reference: Backbone, reasoner: Reasoner, opt, batc
     }
 
 
-def _targets(batch: list[Pair]) -> tuple[list, list[int]]:
-    """The batch's targets (positives and hard negatives, deduplicated) and each query's positive."""
-    index: dict[tuple, int] = {}
+def _targets(batch: list[Pair]) -> tuple[list, torch.Tensor]:
+    """The batch's distinct targets (positives and hard negatives) and the positives mask
+    (queries x targets): the trainer's rule, so queries of equal content share their positives."""
+    ids: dict[tuple, int] = {}
     items = []
     for p in batch:
         for it in [p.positive, *p.negatives]:
-            key = it.content_key()
-            if key not in index:
-                index[key] = len(items)
+            if it.content_key() not in ids:
+                ids[it.content_key()] = len(items)
                 items.append(it)
-    return items, [index[p.positive.content_key()] for p in batch]
+    key = lambda it: ids.setdefault(it.content_key(), len(ids))  # noqa: E731
+    query_keys = torch.tensor([key(p.query) for p in batch])
+    positive, _ = target_masks(torch.arange(len(batch)), query_keys, torch.tensor([key(p.positive) for p in batch]),
+                               torch.arange(len(items)))
+    return items, positive
 
 
 def _save_state(policy: Backbone, opt, rng: random.Random, gen: torch.Generator, step: int, path: Path) -> None:

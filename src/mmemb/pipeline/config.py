@@ -1,0 +1,136 @@
+"""The pipeline's one config object: every stage's settings, loaded from YAML, overridable.
+
+The defaults are the MiniMMEB recipe that ``mmemb demo`` runs (``configs/minimmeb.yaml`` lists
+the same values; a test keeps the two equal). Training stages hold overrides of the trainer's
+config (:class:`mmemb.train.config.TrainConfig`) on top of the shared ``train`` section.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from ..train.config import ConfigError, set_dotted
+
+
+def _lm_only() -> dict[str, float]:
+    return {"lm": 1.0, "reason_nce": 0.0, "direct_nce": 0.0, "decision": 0.0}
+
+
+@dataclass
+class PipelineConfig:
+    out: str = "runs/demo"
+    seed: int = 0
+    # Where the method starts: a checkpoint folder, or "" to build a tiny backbone and pretrain it.
+    model: str = ""
+    # MiniMMEB folder; "" builds one inside the run folder (the ``data`` stage).
+    benchmark: str = ""
+    build: dict[str, Any] = field(default_factory=lambda: {"train_pairs": 20_000, "val_queries": 100,
+                                                          "test_queries": 200})
+    backbone: dict[str, Any] = field(default_factory=lambda: {"arch": "qwen3_vl", "size": "tiny"})
+    # Training pairs the method's stages use (rationales, selection, warm-up, joint, RL), spread
+    # evenly over the tasks; 0 = all.
+    method_pairs: int = 3000
+    # Processes for the pretraining stages (both cores); the rest runs one process per core:
+    # the main chain here, the direct-only baseline beside it.
+    pretrain_processes: int = 2
+    # Shared trainer settings, then per-stage overrides.
+    train: dict[str, Any] = field(default_factory=lambda: {
+        "batch_size": 32, "lr": 5.0e-4, "schedule": "cosine", "warmup_steps": 20, "one_dataset_per_batch": True,
+        "hard_negatives": 1, "loss": {"temperature": 0.05}, "precision": "fp32", "save_every": 100,
+        "log_every": 10, "keep_checkpoints": 1,
+    })
+    pretrain_lm: dict[str, Any] = field(default_factory=lambda: {
+        "max_steps": 900, "batch_size": 64, "lr": 2.0e-3, "warmup_steps": 50, "one_dataset_per_batch": False,
+        "hard_negatives": 0, "loss": _lm_only()})
+    pretrain: dict[str, Any] = field(default_factory=lambda: {
+        "max_steps": 600, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 0.0}})
+    rationales: dict[str, Any] = field(default_factory=lambda: {"teachers": ["minimmeb"], "k": 4})
+    warmup: dict[str, Any] = field(default_factory=lambda: {
+        "max_steps": 300, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 0.0}})
+    select: dict[str, Any] = field(default_factory=lambda: {"margin": 1.0, "sampled_negatives": 16})
+    joint: dict[str, Any] = field(default_factory=lambda: {
+        "max_steps": 400, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 1.0}})
+    # The "blind reasoning" ablation: joint training on all candidates, no selection (off in the demo).
+    blind: dict[str, Any] = field(default_factory=lambda: {
+        "enabled": False, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 0.0}})
+    # The direct-only baseline: trained from the same pretrained model on as many examples as
+    # warm-up + joint + RL see.
+    baseline: dict[str, Any] = field(default_factory=lambda: {
+        "loss": {"reason_nce": 0.0, "lm": 0.0, "direct_nce": 1.0, "decision": 0.0}})
+    rl: dict[str, Any] = field(default_factory=lambda: {
+        "steps": 30, "queries_per_step": 16, "group_size": 8, "lr": 1.0e-4, "max_reasoning_tokens": 64,
+        "cost": 0.1, "beta": 0.04, "save_every": 10})
+    gate: dict[str, Any] = field(default_factory=lambda: {"epochs": 6, "batch_size": 64, "lr": 1.0e-3})
+    eval: dict[str, Any] = field(default_factory=lambda: {
+        "split": "test", "max_reasoning_tokens": 64, "think_threshold": 0.5, "batch_size": 64,
+        "sweep": [0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98]})
+
+    def stage_train(self, stage: str) -> dict[str, Any]:
+        """The trainer overrides of a training stage: the shared section, then the stage's."""
+        merged = copy.deepcopy(self.train)
+        _deep_update(merged, {k: v for k, v in getattr(self, stage).items() if k != "enabled"})
+        merged.setdefault("seed", self.seed)
+        return merged
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Smaller everything: every stage runs, on a slice, in about three minutes (the test suite runs it).
+QUICK = {
+    "build": {"train_pairs": 600, "val_queries": 4, "test_queries": 16},
+    "method_pairs": 96,
+    "pretrain_processes": 1,
+    "train": {"batch_size": 16, "save_every": 0, "log_every": 5, "warmup_steps": 2},
+    "pretrain_lm": {"max_steps": 20, "batch_size": 16, "warmup_steps": 2},
+    "pretrain": {"max_steps": 10},
+    "warmup": {"max_steps": 6},
+    "joint": {"max_steps": 6},
+    "rl": {"steps": 2, "queries_per_step": 4, "group_size": 4, "max_reasoning_tokens": 16, "save_every": 1},
+    "gate": {"epochs": 2},
+    "eval": {"max_reasoning_tokens": 16, "sweep": [0.1, 0.5, 0.9]},
+}
+
+
+def load_pipeline_config(path: str | Path | None = None, overrides: Sequence[str] = (), quick: bool = False,
+                         **values: Any) -> PipelineConfig:
+    raw = dataclasses.asdict(PipelineConfig())
+    if quick:
+        _deep_update(raw, copy.deepcopy(QUICK))
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a pipeline config is a YAML mapping")
+        _check_keys(loaded)
+        _deep_update(raw, loaded)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value")
+        _check_keys({key.split(".")[0]: None})
+        set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    for key, value in values.items():
+        if value is not None:
+            raw[key] = value
+    return PipelineConfig(**raw)
+
+
+def _check_keys(raw: dict) -> None:
+    known = {f.name for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown pipeline key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
+def _deep_update(base: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value

@@ -1,0 +1,231 @@
+"""The demo's report: report.json (a fixed schema other tools read), report.md and PNGs.
+
+Systems: ``direct`` (the direct-only baseline), ``always`` (the final model, always reasoning),
+``adaptive`` (the final model deciding by its own first token) and ``gate`` (the final model,
+the plug-in gate deciding). The threshold sweep is exact and needs no extra encoding: in auto
+mode a query that reasons gets exactly its reason-mode vector and one that does not gets its
+direct-mode vector, so each query's outcome at any threshold is read off the final model's
+reason run and direct run by its p(<think>).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..fileio import atomic_write_text, iter_jsonl, read_json, write_json
+from .stages import Run, task_kinds
+
+SYSTEMS = ("direct", "always", "adaptive", "gate")
+LABELS = {"direct": "direct-only model (same training budget)", "always": "always reason",
+          "adaptive": "adaptive (RL policy)", "gate": "adaptive (gate)"}
+
+
+def build_report(run: Run) -> dict[str, Any]:
+    kinds = task_kinds(run)
+    summaries = {name: read_json(run.root / "eval" / name / "summary.json") for name in SYSTEMS}
+    report: dict[str, Any] = {"seed": run.cfg.seed, "seconds": round(_wall_seconds(run), 1), "tasks": kinds,
+                              "systems": {}, "selection": {"kept": _kept(run)}}
+    for name, s in summaries.items():
+        tasks = s["tasks"]
+        report["systems"][name] = {
+            "hit1": {t: tasks[t]["main"] for t in kinds},
+            "hit1_overall": s["overall"]["main"],
+            "invocation": {t: tasks[t]["invocation_ratio"] for t in kinds},
+            "generated_tokens_per_query": s["overall"]["generated_tokens_per_query"],
+            "seconds_per_query": s["overall"]["seconds_per_query"],
+        }
+    report["sweep"] = threshold_sweep(run, run.cfg.eval.get("sweep", []))
+    gate_metrics = run.root / "gate_metrics.json"
+    if gate_metrics.is_file():
+        report["gate"] = read_json(gate_metrics)
+    report["stages"] = {p.stem: read_json(p)["seconds"] for p in sorted((run.root / ".stages").glob("*.json"))}
+    return report
+
+
+def _kept(run: Run) -> dict[str, dict[str, float]]:
+    from ..train.selection import kept_shares
+
+    shares = kept_shares(run.root / "selection.jsonl")
+    return {kind: shares.get(kind, {}) for kind in ("compositional", "easy")}
+
+
+def _wall_seconds(run: Run) -> float:
+    """From the first stage's start to the last stage's end (the report itself excluded)."""
+    spans = [read_json(p) for p in (run.root / ".stages").glob("*.json")]
+    if not spans:
+        return 0.0
+    return max(s["finished"] for s in spans) - min(s["finished"] - s["seconds"] for s in spans)
+
+
+def threshold_sweep(run: Run, thresholds: list[float]) -> list[dict[str, float]]:
+    """Hit@1 (mean over tasks), invocation and generated tokens per query at each threshold."""
+    kinds = task_kinds(run)
+    per_task = {}
+    for task in kinds:
+        reason = list(iter_jsonl(run.root / "eval" / "always" / task / "predictions.jsonl"))
+        direct = list(iter_jsonl(run.root / "eval" / "final_direct" / task / "predictions.jsonl"))
+        per_task[task] = (np.array([r["p_think"] for r in direct]), np.array([r["hit@1"] for r in reason]),
+                          np.array([r["hit@1"] for r in direct]), np.array([r["generated_tokens"] for r in reason]))
+    points = []
+    for t in sorted({*thresholds, 0.0, 1.01}):
+        hits, inv, tokens = [], [], []
+        by_kind: dict[str, list[float]] = {}
+        for task, (p, hr, hd, tok) in per_task.items():
+            think = p >= t
+            hit = float(np.where(think, hr, hd).mean())
+            hits.append(hit)
+            by_kind.setdefault(kinds[task], []).append(hit)
+            inv.append(think)
+            tokens.append(np.where(think, tok, 0))
+        points.append({"threshold": t, "hit1_overall": float(np.mean(hits)),
+                       **{f"hit1_{k}": float(np.mean(v)) for k, v in by_kind.items()},
+                       "invocation": float(np.concatenate(inv).mean()),
+                       "generated_tokens_per_query": float(np.concatenate(tokens).mean())})
+    return points
+
+
+def results_table(report: dict[str, Any]) -> str:
+    kinds = report["tasks"]
+    easy = [t for t, k in kinds.items() if k == "easy"]
+    comp = [t for t, k in kinds.items() if k == "compositional"]
+    base = report["systems"]["direct"]["seconds_per_query"] or 1e-9
+    lines = ["| system | Hit@1 easy | Hit@1 compositional | Hit@1 overall | invocation | generated tokens / query "
+             "| encode time / direct |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in SYSTEMS:
+        s = report["systems"][name]
+        inv = np.mean(list(s["invocation"].values()))
+        lines.append(f"| {LABELS[name]} | {_pct(np.mean([s['hit1'][t] for t in easy]))} "
+                     f"| {_pct(np.mean([s['hit1'][t] for t in comp]))} | {_pct(s['hit1_overall'])} | {_pct(inv)} "
+                     f"| {s['generated_tokens_per_query']:.1f} | {s['seconds_per_query'] / base:.2f} |")
+    return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def write_report(run: Run) -> dict[str, Any]:
+    report = build_report(run)
+    write_json(run.root / "report.json", report)
+    figures = run.root / "report"
+    figures.mkdir(exist_ok=True)
+    plot_hit1_by_meta_task(run, report, figures / "hit1_by_meta_task.png")
+    plot_invocation(report, figures / "invocation_by_task.png")
+    plot_tradeoff(report, figures / "accuracy_vs_tokens.png")
+    from ..train.selection_report import plot_deltas
+
+    plot_deltas(run.root / "selection.jsonl", figures / "delta_by_type.png", run.cfg.select.get("margin", 0.0))
+    atomic_write_text(run.root / "report.md", render_markdown(run, report))
+    print(results_table(report), flush=True)
+    return report
+
+
+def render_markdown(run: Run, report: dict[str, Any]) -> str:
+    kinds = report["tasks"]
+    lines = [f"# mmemb demo report (seed {report['seed']})", "",
+             f"MiniMMEB test split; the whole pipeline took {report['seconds'] / 60:.1f} minutes.", "",
+             results_table(report), "",
+             "Invocation: share of queries that reasoned. Encode time: query-encoding seconds per query, "
+             "relative to the direct-only model.", "", "## Hit@1 per task", "",
+             "| task | kind | " + " | ".join(SYSTEMS) + " |", "|---|---|" + "---:|" * len(SYSTEMS)]
+    for t, k in kinds.items():
+        lines.append(f"| {t} | {k} | " + " | ".join(_pct(report["systems"][s]["hit1"][t]) for s in SYSTEMS) + " |")
+    lines += ["", "## Invocation ratio per task", "", "| task | " + " | ".join(SYSTEMS) + " |",
+              "|---|" + "---:|" * len(SYSTEMS)]
+    for t in kinds:
+        lines.append(f"| {t} | " + " | ".join(_pct(report["systems"][s]["invocation"][t]) for s in SYSTEMS) + " |")
+    lines += ["", "## Counterfactual selection: share of candidate rationales kept", "",
+              "| kind | " + " | ".join(sorted({ty for v in report['selection']['kept'].values() for ty in v})) + " |"]
+    types = sorted({ty for v in report["selection"]["kept"].values() for ty in v})
+    lines.append("|---|" + "---:|" * len(types))
+    for kind, shares in report["selection"]["kept"].items():
+        lines.append(f"| {kind} | " + " | ".join(_pct(shares.get(ty, float("nan"))) for ty in types) + " |")
+    lines += ["", "## Threshold sweep (the final model's own decision)", "",
+              "| threshold | Hit@1 overall | invocation | generated tokens / query |", "|---:|---:|---:|---:|"]
+    for p in report["sweep"]:
+        lines.append(f"| {p['threshold']:.2f} | {_pct(p['hit1_overall'])} | {_pct(p['invocation'])} "
+                     f"| {p['generated_tokens_per_query']:.1f} |")
+    if "gate" in report:
+        g = report["gate"]
+        lines += ["", f"Plug-in gate: held-out accuracy {_pct(g['accuracy'])} % on {g['val_pairs']} labelled pairs "
+                  f"(reason recall {_pct(g['recall_reason'])} %, direct recall {_pct(g['recall_direct'])} %)."]
+    lines += ["", "## Stages (seconds)", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report["stages"].items()]
+    lines += ["", "![Hit@1 by meta-task](report/hit1_by_meta_task.png)",
+              "![Invocation by task](report/invocation_by_task.png)",
+              "![Accuracy against generated tokens](report/accuracy_vs_tokens.png)",
+              "![Utility delta by rationale type](report/delta_by_type.png)", ""]
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_hit1_by_meta_task(run: Run, report: dict, png: Path) -> None:
+    from ..data.minimmeb import manifest
+
+    meta = {t: v["meta_task"] for t, v in manifest(run.benchmark)["tasks"].items()}
+    groups = sorted(set(meta.values()))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(SYSTEMS)
+    for i, name in enumerate(SYSTEMS):
+        hits = report["systems"][name]["hit1"]
+        vals = [np.mean([hits[t] for t in meta if meta[t] == g]) for g in groups]
+        ax.bar(np.arange(len(groups)) + i * width, vals, width, label=LABELS[name])
+    ax.set_xticks(np.arange(len(groups)) + width * (len(SYSTEMS) - 1) / 2)
+    ax.set_xticklabels(groups)
+    ax.set_ylabel("Hit@1")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("MiniMMEB test: Hit@1 per meta-task")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def plot_invocation(report: dict, png: Path) -> None:
+    tasks = list(report["tasks"])
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    names = [n for n in SYSTEMS if n != "direct"]
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        inv = report["systems"][name]["invocation"]
+        ax.bar(np.arange(len(tasks)) + i * width, [inv[t] for t in tasks], width, label=LABELS[name])
+    ax.set_xticks(np.arange(len(tasks)) + width * (len(names) - 1) / 2)
+    ax.set_xticklabels([f"{t}\n({report['tasks'][t]})" for t in tasks], fontsize=7)
+    ax.set_ylabel("share of queries that reason")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title("Invocation ratio per task")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def plot_tradeoff(report: dict, png: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sweep = sorted(report["sweep"], key=lambda p: p["generated_tokens_per_query"])
+    ax.plot([p["generated_tokens_per_query"] for p in sweep], [p["hit1_overall"] for p in sweep], "-o", markersize=3,
+            color="gray", label="final model, p(<think>) threshold sweep")
+    for name, marker in zip(SYSTEMS, "sD^v"):
+        s = report["systems"][name]
+        ax.plot(s["generated_tokens_per_query"], s["hit1_overall"], marker, markersize=9, label=LABELS[name])
+    ax.set_xlabel("generated tokens per query")
+    ax.set_ylabel("Hit@1 (mean over tasks)")
+    ax.set_title("Accuracy against reasoning cost")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,302 @@
+"""The pipeline's stages. Each reads and writes plain files in the run folder:
+
+    minimmeb/            the benchmark (data)              backbone/         the tiny backbone
+    pairs/<set>/*.jsonl  derived training pairs            <stage>/model/    each training stage's model
+    rationales.jsonl     candidate rationales              selection.jsonl   counterfactual verdicts (+ .md, .png)
+    rl/model/            the GRPO policy                   gate/             the plug-in gate
+    eval/<system>/       evaluation runs                   report.md, report.json, *.png
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Callable
+
+from ..data.pairs import read_pairs
+from ..fileio import write_json, write_jsonl
+from ..items import Item, Pair
+from .config import PipelineConfig
+
+
+class Run:
+    """Paths and shared helpers of one pipeline run."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.out)
+
+    @property
+    def benchmark(self) -> Path:
+        return Path(self.cfg.benchmark) if self.cfg.benchmark else self.root / "minimmeb"
+
+    def model(self, stage: str) -> Path:
+        return self.root / stage / "model"
+
+    @property
+    def start_model(self) -> Path:
+        """Where the method starts: the given checkpoint, or the pretrained tiny backbone."""
+        return Path(self.cfg.model) if self.cfg.model else self.model("pretrain")
+
+    def pairs_dir(self, name: str) -> Path:
+        return self.root / "pairs" / name
+
+    def write_pairs(self, name: str, pairs: list[Pair]) -> Path:
+        """One file per dataset (each is a dataset of the trainer's mixture); absolute image paths."""
+        folder = self.pairs_dir(name)
+        by_dataset: dict[str, list[dict]] = {}
+        for p in pairs:
+            by_dataset.setdefault(p.dataset, []).append(p.to_json())
+        for dataset, rows in by_dataset.items():
+            write_jsonl(folder / f"{dataset}.jsonl", rows)
+        return folder
+
+    def read_pairs(self, name: str) -> list[Pair]:
+        return read_pairs(str(self.pairs_dir(name) / "*.jsonl"))
+
+    def subset(self) -> list[Pair]:
+        """The method's training pairs: ``method_pairs`` spread evenly over the tasks, seeded."""
+        if not self.pairs_dir("subset").is_dir():
+            pairs = read_pairs(self.benchmark)
+            by_task: dict[str, list[Pair]] = {}
+            for p in pairs:
+                by_task.setdefault(p.dataset, []).append(p)
+            rng = random.Random(self.cfg.seed)
+            per_task = -(-self.cfg.method_pairs // len(by_task)) if self.cfg.method_pairs else None
+            chosen = []
+            for task in sorted(by_task):
+                group = by_task[task]
+                chosen += rng.sample(group, min(per_task, len(group))) if per_task else group
+            self.write_pairs("subset", chosen)
+        return self.read_pairs("subset")
+
+
+# ---- training stages ------------------------------------------------------------------------
+def train_stage(run: Run, stage: str, model: Path, pairs_dir: Path, processes: int = 1,
+                extra: dict | None = None) -> Path:
+    """Train ``stage`` from ``model`` on every pair file in ``pairs_dir``; resume a killed run."""
+    from ..train.checkpoint import latest_checkpoint
+    from ..train.config import config_from_dict
+
+    values = run.cfg.stage_train(stage)
+    values.update(extra or {})
+    values.update(model=str(model), output_dir=str(run.root / stage),
+                  datasets=[{"path": str(f)} for f in sorted(pairs_dir.glob("*.jsonl"))])
+    cfg = config_from_dict(values)
+    resume = latest_checkpoint(cfg.output_dir) is not None
+    if processes > 1:
+        return _train_processes(run, stage, cfg, processes, resume)
+    from ..train import train
+
+    return train(cfg, resume=resume)
+
+
+def _train_processes(run: Run, stage: str, cfg, processes: int, resume: bool) -> Path:
+    """``mmemb train --num-processes N`` on a recipe written for this stage (one core each)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = run.root / f"{stage}.yaml"
+    recipe.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    cmd = [sys.executable, "-m", "mmemb.cli", "train", "--config", str(recipe), "--num-processes", str(processes)]
+    if resume:
+        cmd.append("--resume")
+    subprocess.run(cmd, check=True)
+    return Path(cfg.output_dir) / "model"
+
+
+def faithful_pairs(pairs: list[Pair], seed: int) -> list[Pair]:
+    """Pairs whose query carries its correct step-by-step rationale (MiniMMEB ground truth)."""
+    from ..data.minimmeb_teacher import rationale
+
+    rng = random.Random(seed)
+    return [_with_rationale(p, rationale("faithful", p.meta, rng)) for p in pairs]
+
+
+def candidate_pairs(pairs: list[Pair], rationales: dict[str, list[dict]], seed: int) -> list[Pair]:
+    """Pairs whose query carries one of its candidate rationales, drawn at random (seeded)."""
+    rng = random.Random(seed)
+    return [_with_rationale(p, rng.choice(rationales[p.id])["text"]) for p in pairs if rationales.get(p.id)]
+
+
+def _with_rationale(p: Pair, text: str | None, label: str | None = None) -> Pair:
+    query = Item(**{**p.query.__dict__, "rationale": text})
+    return Pair(query=query, positive=p.positive, negatives=p.negatives, dataset=p.dataset, id=p.id, label=label,
+                meta=p.meta)
+
+
+def examples_seen(values: dict, steps_key: str = "max_steps", batch_key: str = "batch_size") -> int:
+    return int(values.get(steps_key, 0)) * int(values.get(batch_key, 0))
+
+
+# ---- stage functions -----------------------------------------------------------------------
+def stage_data(run: Run) -> None:
+    from ..data.minimmeb import BuildConfig, build
+
+    if run.cfg.benchmark:
+        if not (run.benchmark / "manifest.json").is_file():
+            raise FileNotFoundError(f"benchmark {run.benchmark} has no manifest.json")
+        return
+    build(run.benchmark, BuildConfig(seed=run.cfg.seed, **run.cfg.build), progress=True)
+
+
+def stage_backbone(run: Run) -> None:
+    from ..tiny import build_tiny_backbone
+
+    if not run.cfg.model:
+        build_tiny_backbone(run.cfg.backbone["arch"], run.root / "backbone", size=run.cfg.backbone.get("size", "tiny"),
+                            seed=run.cfg.seed)
+
+
+def stage_pretrain_lm(run: Run) -> None:
+    if run.cfg.model:
+        return
+    run.write_pairs("pretrain", faithful_pairs(read_pairs(run.benchmark), run.cfg.seed))
+    train_stage(run, "pretrain_lm", run.root / "backbone", run.pairs_dir("pretrain"), run.cfg.pretrain_processes)
+
+
+def stage_pretrain(run: Run) -> None:
+    if run.cfg.model:
+        return
+    train_stage(run, "pretrain", run.model("pretrain_lm"), run.pairs_dir("pretrain"), run.cfg.pretrain_processes)
+
+
+def stage_rationales(run: Run) -> None:
+    from ..backbone import load_backbone
+    from ..train.rationales import run_rationales
+    from ..train.teachers import make_teacher
+
+    spec = run.cfg.rationales
+    teachers = [make_teacher(t, seed=run.cfg.seed) for t in spec["teachers"]]
+    tokenizer = load_backbone(run.start_model).tokenizer
+    run_rationales(run.subset(), teachers, int(spec["k"]), run.root / "rationales.jsonl", tokenizer=tokenizer)
+
+
+def stage_warmup(run: Run) -> None:
+    from ..train.rationales import load_rationales
+
+    pairs = candidate_pairs(run.subset(), load_rationales(run.root / "rationales.jsonl"), run.cfg.seed)
+    train_stage(run, "warmup", run.start_model, run.write_pairs("warmup", pairs))
+
+
+def stage_select(run: Run) -> None:
+    from ..embedder import Embedder
+    from ..train.rationales import load_rationales
+    from ..train.selection import SelectionConfig, select
+    from ..train.selection_report import write_selection_report
+
+    opts = dict(run.cfg.select)
+    opts.setdefault("temperature", run.cfg.stage_train("joint")["loss"]["temperature"])
+    opts.setdefault("seed", run.cfg.seed)
+    select(Embedder.from_pretrained(str(run.model("warmup"))), run.subset(),
+           load_rationales(run.root / "rationales.jsonl"), run.root / "selection.jsonl", SelectionConfig(**opts))
+    write_selection_report(run.root / "selection.jsonl", run.root / "selection")
+
+
+def stage_joint(run: Run) -> None:
+    from ..train.selection import labelled_pairs
+
+    pairs = labelled_pairs(run.subset(), run.root / "selection.jsonl")
+    train_stage(run, "joint", run.model("warmup"), run.write_pairs("joint", pairs))
+
+
+def stage_blind(run: Run) -> None:
+    """The ablation: joint training on all candidate rationales, without selection."""
+    from ..train.rationales import load_rationales
+
+    if not run.cfg.blind.get("enabled"):
+        return
+    pairs = candidate_pairs(run.subset(), load_rationales(run.root / "rationales.jsonl"), run.cfg.seed + 1)
+    steps = run.cfg.stage_train("joint")["max_steps"]
+    train_stage(run, "blind", run.model("warmup"), run.write_pairs("blind", pairs), extra={"max_steps": steps})
+
+
+def baseline_steps(cfg: PipelineConfig) -> int:
+    """As many training examples as the method sees after pretraining (warm-up, joint, RL queries)."""
+    seen = examples_seen(cfg.stage_train("warmup")) + examples_seen(cfg.stage_train("joint"))
+    seen += int(cfg.rl["steps"]) * int(cfg.rl["queries_per_step"])
+    return max(1, round(seen / cfg.stage_train("baseline")["batch_size"]))
+
+
+def stage_baseline(run: Run) -> None:
+    pairs = [_with_rationale(p, None) for p in run.subset()]
+    train_stage(run, "baseline", run.start_model, run.write_pairs("baseline", pairs),
+                extra={"max_steps": baseline_steps(run.cfg)})
+
+
+def stage_rl(run: Run) -> None:
+    from ..train.grpo import RLConfig, run_rl
+
+    cfg = RLConfig(model=str(run.model("joint")), out=str(run.root / "rl"),
+                   data=[str(run.pairs_dir("subset") / "*.jsonl")], seed=run.cfg.seed,
+                   reward_temperature=run.cfg.stage_train("joint")["loss"]["temperature"], **run.cfg.rl)
+    run_rl(cfg)
+
+
+def stage_gate(run: Run) -> None:
+    from ..backbone import load_backbone
+    from ..train.gate import GateTrainConfig, train_gate
+
+    pairs = run.read_pairs("joint")
+    gate, metrics = train_gate(load_backbone(run.model("rl")), pairs,
+                               GateTrainConfig(seed=run.cfg.seed, **run.cfg.gate), show_progress=True)
+    gate.save(run.root / "gate")
+    write_json(run.root / "gate_metrics.json", metrics)
+
+
+def systems(run: Run) -> dict[str, tuple[Path, str, bool]]:
+    """name -> (model, query mode, with the plug-in gate)."""
+    out = {"direct": (run.model("baseline"), "direct", False), "always": (run.model("rl"), "reason", False),
+           "adaptive": (run.model("rl"), "auto", False), "gate": (run.model("rl"), "auto", True),
+           "final_direct": (run.model("rl"), "direct", False)}
+    if run.cfg.blind.get("enabled"):
+        out.update({"joint_reason": (run.model("joint"), "reason", False),
+                    "joint_direct": (run.model("joint"), "direct", False),
+                    "blind_reason": (run.model("blind"), "reason", False),
+                    "blind_direct": (run.model("blind"), "direct", False)})
+    return out
+
+
+def stage_eval(run: Run) -> None:
+    from ..embedder import Embedder
+    from ..eval.runner import evaluate
+    from ..train.gate import load_gate
+
+    opts = {k: v for k, v in run.cfg.eval.items() if k != "sweep"}
+    for name, (model, mode, gated) in systems(run).items():
+        embedder = Embedder.from_pretrained(str(model), gate=load_gate(run.root / "gate") if gated else None)
+        evaluate(embedder, "minimmeb", run.root / "eval" / name, mode=mode, data=str(run.benchmark),
+                 cache_dir=str(run.root / "eval" / ".cache"), **opts)
+
+
+def stage_report(run: Run) -> None:
+    from .report import write_report
+
+    write_report(run)
+
+
+STAGES: dict[str, Callable[[Run], None]] = {
+    "data": stage_data, "backbone": stage_backbone, "pretrain_lm": stage_pretrain_lm, "pretrain": stage_pretrain,
+    "rationales": stage_rationales, "warmup": stage_warmup, "select": stage_select, "joint": stage_joint,
+    "blind": stage_blind, "rl": stage_rl, "gate": stage_gate, "baseline": stage_baseline, "eval": stage_eval,
+    "report": stage_report,
+}
+
+# What each stage leaves behind (removed by --force so the stage really runs again).
+OUTPUTS: dict[str, list[str]] = {
+    "data": ["minimmeb"], "backbone": ["backbone"], "pretrain_lm": ["pretrain_lm", "pairs/pretrain"],
+    "pretrain": ["pretrain"], "rationales": ["rationales.jsonl", "pairs/subset"],
+    "warmup": ["warmup", "pairs/warmup"], "select": ["selection.jsonl", "selection"],
+    "joint": ["joint", "pairs/joint"], "blind": ["blind", "pairs/blind"], "rl": ["rl"],
+    "gate": ["gate", "gate_metrics.json"], "baseline": ["baseline", "pairs/baseline"], "eval": ["eval"],
+    "report": ["report.md", "report.json", "report"],
+}
+
+
+def task_kinds(run: Run) -> dict[str, str]:
+    from ..data.minimmeb import manifest
+
+    return {t: v["kind"] for t, v in manifest(run.benchmark)["tasks"].items()}
+

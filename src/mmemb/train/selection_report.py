@@ -1,0 +1,74 @@
+"""selection.md + selection.png: what the counterfactual selection kept, per task, teacher and type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import atomic_write_text, iter_jsonl
+from .selection import deltas_by
+
+
+def write_selection_report(selection_path: str | Path, out_prefix: str | Path) -> None:
+    rows = list(iter_jsonl(selection_path))
+    out_prefix = Path(out_prefix)
+    margin = rows[0]["margin"] if rows else 0.0
+    lines = ["# Counterfactual selection", "",
+             f"{len(rows)} pairs; a rationale is kept where delta = s(r) - s(no rationale) > margin = {margin}.", ""]
+
+    def table(title: str, key) -> None:
+        groups: dict[str, list[int]] = {}
+        for r in rows:
+            for c in r["candidates"]:
+                g = groups.setdefault(key(r, c), [0, 0])
+                g[0] += c["delta"] > r["margin"]
+                g[1] += 1
+        lines.extend([f"## Kept share per {title}", "", f"| {title} | kept | candidates | share |", "|---|---:|---:|---:|"])
+        for name, (kept, total) in sorted(groups.items()):
+            lines.append(f"| {name} | {kept} | {total} | {kept / total:.1%} |")
+        lines.append("")
+
+    table("task", lambda r, c: r["dataset"])
+    table("teacher", lambda r, c: c["teacher"])
+    if any("type" in c for r in rows for c in r["candidates"]):
+        table("rationale type (MiniMMEB)", lambda r, c: f"{r.get('kind') or 'all'} / {c.get('type', 'unknown')}")
+    reason = sum(r["label"] == "reason" for r in rows)
+    lines += ["## Pair labels", "", f"{reason} of {len(rows)} pairs labelled `reason` "
+              f"({reason / max(1, len(rows)):.1%}); the rest `direct`.", ""]
+    per_task: dict[str, list[int]] = {}
+    for r in rows:
+        per_task.setdefault(r["dataset"], []).append(r["label"] == "reason")
+    lines += ["| task | reason share |", "|---|---:|"]
+    lines += [f"| {t} | {np.mean(v):.1%} |" for t, v in sorted(per_task.items())]
+    lines += ["", f"![delta by rationale type]({out_prefix.name}.png)", ""]
+    atomic_write_text(out_prefix.with_suffix(".md"), "\n".join(lines))
+    plot_deltas(selection_path, out_prefix.with_suffix(".png"), margin)
+
+
+def plot_deltas(selection_path: str | Path, png: str | Path, margin: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = deltas_by(selection_path)
+    kinds = sorted({k.split("/")[0] for k in groups})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 3.6), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        values = [v for k, v in groups.items() if k.startswith(kind + "/")]
+        if not values:
+            continue
+        lo, hi = np.percentile(np.concatenate(values), [1, 99])
+        bins = np.linspace(lo, hi, 40)
+        for k, v in sorted(groups.items()):
+            if k.startswith(kind + "/"):
+                ax.hist(np.clip(v, lo, hi), bins=bins, alpha=0.5, label=k.split("/", 1)[1], density=True)
+        ax.axvline(margin, color="black", linestyle="--", linewidth=1, label=f"margin {margin}")
+        ax.set_title(f"{kind} tasks: utility delta by rationale type")
+        ax.set_xlabel("delta = s(r) - s(no rationale)  [nats]")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
