@@ -380,6 +380,100 @@ def report(
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+@app.command()
+def rationales(
+    teacher: list[str] = typer.Option(..., help="Teacher spec, repeatable: minimmeb[:faithful=0.4,...] | "
+                                                "local:PATH | openai:BASE_URL#MODEL[?concurrency=8] | vllm:PATH"),
+    data: str = typer.Option(..., help="Training pairs: a Pair-JSONL file, a glob, or a benchmark folder."),
+    k: int = typer.Option(4, help="Candidate rationales per query and teacher."),
+    out: Path = typer.Option(..., help="rationales.jsonl (appended; rows already there are skipped)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Count tokens with this model's tokenizer (the student's)."),
+    batch_size: int = typer.Option(32),
+    seed: int = typer.Option(0),
+):
+    """K candidate rationales per training query from one or more teachers (resumable)."""
+    from .data.pairs import read_pairs
+    from .train.rationales import run_rationales
+    from .train.teachers import make_teacher
+
+    tok = None
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    stats = run_rationales(read_pairs(data), [make_teacher(t, seed=seed) for t in teacher], k, out, tokenizer=tok,
+                           batch_size=batch_size)
+    typer.echo(f"{stats['written']} rationales written, {stats['skipped']} already there: {out}")
+
+
+@app.command()
+def select(
+    model: str = typer.Option(..., help="The warm-up checkpoint that scores the rationales."),
+    pairs: str = typer.Option(..., help="Training pairs: a Pair-JSONL file, a glob, or a benchmark folder."),
+    rationales: Path = typer.Option(..., help="rationales.jsonl from `mmemb rationales`."),
+    out: Path = typer.Option(..., help="selection.jsonl (appended; pairs already there are skipped); "
+                                       "selection.md and selection.png are written beside it."),
+    margin: float = typer.Option(1.0, help="Keep a rationale where delta = s(r) - s(none) exceeds this (nats)."),
+    temperature: float = typer.Option(0.05, help="The contrastive temperature the model was trained with."),
+    sampled_negatives: int = typer.Option(16, help="Other pairs' positives added to each candidate set."),
+    no_prompt_reuse: bool = typer.Option(False, help="Prefill every (query, rationale) separately (to measure reuse)."),
+    seed: int = typer.Option(0),
+):
+    """Counterfactual pair-aware selection: label each pair reason (with its best rationale) or direct."""
+    from .data.pairs import read_pairs
+    from .embedder import Embedder
+    from .train.rationales import load_rationales
+    from .train.selection import SelectionConfig
+    from .train.selection import select as run_select
+    from .train.selection_report import write_selection_report
+
+    cfg = SelectionConfig(margin=margin, temperature=temperature, sampled_negatives=sampled_negatives,
+                          reuse_prompt=not no_prompt_reuse, seed=seed)
+    stats = run_select(Embedder.from_pretrained(model), read_pairs(pairs), load_rationales(rationales), out, cfg)
+    write_selection_report(out, out.with_suffix(""))
+    typer.echo(f"{stats['pairs']} pairs scored in {stats['seconds']:.1f}s ({stats['skipped']} already there): {out}; "
+               f"report {out.with_suffix('.md')}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def rl(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, help="YAML of RLConfig keys (or a pipeline config's `rl` section); "
+                                                     "extra key=value arguments override it."),
+    no_resume: bool = typer.Option(False, help="Start over instead of resuming from OUT/last."),
+):
+    """GRPO on the think / no-think decision, from the joint checkpoint (model=..., out=..., data=[...])."""
+    from .train.grpo import load_rl_config, run_rl
+
+    cfg = load_rl_config(config, ctx.args)
+    if not cfg.model or not cfg.data:
+        raise typer.BadParameter("give model=CHECKPOINT and data=[PAIRS] (in the config or as key=value)")
+    typer.echo(f"final policy: {run_rl(cfg, resume=not no_resume)}")
+
+
+@app.command()
+def gate(
+    model: str = typer.Option(..., help="The backbone whose layer-0 inputs the gate reads."),
+    selection: Path = typer.Option(..., help="selection.jsonl: the reason / direct labels."),
+    pairs: str = typer.Option(..., help="The training pairs the selection scored."),
+    out: Path = typer.Option(..., help="Gate folder (load with Embedder.from_pretrained(model, gate=OUT))."),
+    epochs: int = typer.Option(6),
+    seed: int = typer.Option(0),
+):
+    """Train the plug-in reasoning gate on the counterfactual labels; prints held-out accuracy."""
+    import json
+
+    from .backbone import load_backbone
+    from .data.pairs import read_pairs
+    from .train.gate import GateTrainConfig, train_gate
+    from .train.selection import labelled_pairs
+
+    trained, metrics = train_gate(load_backbone(model), labelled_pairs(read_pairs(pairs), selection),
+                                  GateTrainConfig(epochs=epochs, seed=seed), show_progress=True)
+    trained.save(out)
+    typer.echo(json.dumps(metrics))
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def pipeline(
     ctx: typer.Context,

@@ -1,0 +1,86 @@
+"""The pipeline: its recipe file, and `mmemb demo --quick` end to end (every stage, the report)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmemb.pipeline.config import PipelineConfig, load_pipeline_config
+from mmemb.pipeline.run import ORDER
+from mmemb.train.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_recipe_file_equals_the_code_defaults():
+    assert load_pipeline_config(REPO / "configs" / "minimmeb.yaml") == PipelineConfig()
+
+
+def test_overrides_and_errors():
+    cfg = load_pipeline_config(None, ["joint.max_steps=7", "select.margin=0.5", "seed=3"])
+    assert cfg.joint["max_steps"] == 7 and cfg.select["margin"] == 0.5 and cfg.seed == 3
+    assert cfg.stage_train("joint")["max_steps"] == 7 and cfg.stage_train("joint")["batch_size"] == 32
+    with pytest.raises(ConfigError, match="unknown pipeline key"):
+        load_pipeline_config(None, ["jiont.max_steps=7"])
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    proc = subprocess.run([sys.executable, "-m", "mmemb.cli", "demo", "--quick", "--out", str(out), "--seed", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_quick_demo_runs_every_stage(quick_demo):
+    out, stdout = quick_demo
+    for stage in ORDER:
+        assert (out / ".stages" / f"{stage}.json").is_file(), stage
+    for model in ("pretrain_lm", "pretrain", "warmup", "joint", "baseline", "rl"):
+        assert (out / model / "model" / "config.json").is_file(), model
+    for f in ("rationales.jsonl", "selection.jsonl", "selection.md", "selection.png", "gate/gate.safetensors",
+              "report.md", "report/hit1_by_meta_task.png", "report/invocation_by_task.png",
+              "report/accuracy_vs_tokens.png", "report/delta_by_type.png", "rl/rl_curves.png", "pretrain/loss.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert "| system | Hit@1 easy | Hit@1 compositional |" in stdout
+
+
+def test_report_json_schema(quick_demo):
+    out, _ = quick_demo
+    report = json.loads((out / "report.json").read_text())
+    assert report["seed"] == 1 and report["seconds"] > 0
+    tasks = report["tasks"]
+    assert set(tasks.values()) == {"easy", "compositional"} and len(tasks) == 6
+    assert set(report["systems"]) == {"direct", "always", "adaptive", "gate"}
+    for name, s in report["systems"].items():
+        assert set(s) == {"hit1", "hit1_overall", "invocation", "generated_tokens_per_query", "seconds_per_query"}
+        assert set(s["hit1"]) == set(tasks) == set(s["invocation"])
+        assert 0 <= s["hit1_overall"] <= 1 and s["seconds_per_query"] > 0
+    assert all(v == 0 for v in report["systems"]["direct"]["invocation"].values())
+    assert all(v == 1 for v in report["systems"]["always"]["invocation"].values())
+    assert report["systems"]["direct"]["generated_tokens_per_query"] == 0
+    kept = report["selection"]["kept"]
+    assert set(kept) == {"compositional", "easy"}
+    assert set(kept["compositional"]) <= {"faithful", "misread", "slip", "format_only"}
+    # the sweep's end points are the final model's always-reason and direct runs
+    ends = {p["threshold"]: p for p in report["sweep"]}
+    assert ends[0.0]["invocation"] == 1.0 and ends[1.01]["invocation"] == 0.0
+    assert ends[0.0]["hit1_overall"] == pytest.approx(report["systems"]["always"]["hit1_overall"])
+
+
+def test_rerun_skips_and_force_redoes(quick_demo):
+    out, _ = quick_demo
+    args = [sys.executable, "-m", "mmemb.cli", "demo", "--quick", "--out", str(out), "--seed", "1"]
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert again.stdout.count("done already") == len(ORDER)
+    before = (out / ".stages" / "gate.json").read_text()
+    forced = subprocess.run(args + ["--force", "gate"], capture_output=True, text=True, timeout=300)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert "[mmemb] gate ..." in forced.stdout and "[mmemb] rl: done already" in forced.stdout
+    assert (out / ".stages" / "gate.json").read_text() != before
