@@ -55,3 +55,16 @@ def test_gate_features_put_image_features_in_place(embedders, mixed_items):
     assert is_image[0].any() and not is_image[1].any()
     assert torch.allclose(x[~is_image], token_rows[~is_image].float())
     assert not torch.allclose(x[is_image], token_rows[is_image].float())
+
+
+def test_gate_decision_does_not_depend_on_batch_padding(embedders, mixed_items):
+    from mmemb.train.gate import GateConfig, ReasoningGate
+
+    bb = embedders["qwen3_vl"].backbone
+    torch.manual_seed(0)
+    gate = ReasoningGate(GateConfig(input_dim=bb.hidden_size))
+    prompts = [render_prompt(bb.processor, it) for it in mixed_items]
+    visuals = [load_visuals(it) for it in mixed_items]
+    alone = gate.p_think([prompts[2]], [visuals[2]], bb)[0]  # short: left-padded when batched
+    together = gate.p_think(prompts, visuals, bb)[2]
+    assert abs(alone - together) < 1e-5

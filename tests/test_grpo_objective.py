@@ -47,3 +47,15 @@ def test_grpo_loss_by_hand():
     assert logp.grad[1, 0].item() == pytest.approx(d_kl(-2.0, -2.0) / 4, abs=1e-6)
     assert logp.grad[0, 1].item() == pytest.approx((-1.0 + d_kl(-0.5, -0.7)) / 2 / 4, abs=1e-6)
     assert logp.grad[1, 1].item() == 0.0  # padding
+
+
+def test_reciprocal_rank_reward():
+    from mmemb.train.grpo import retrieval_reward
+
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]])
+    positive = torch.tensor([[False, True, False], [True, False, False]])
+    # row 0 ranks target 0 (a negative) first, its positive second; row 1 ranks its positive last
+    assert retrieval_reward(emb, targets, positive, "mrr", 0.02).tolist() == [0.5, pytest.approx(1 / 3)]
+    lp = retrieval_reward(emb, targets, positive, "logprob", 1.0)
+    assert lp[0].item() == pytest.approx(torch.log_softmax(targets @ emb[0], 0)[1].item())

@@ -413,7 +413,7 @@ def select(
     rationales: Path = typer.Option(..., help="rationales.jsonl from `mmemb rationales`."),
     out: Path = typer.Option(..., help="selection.jsonl (appended; pairs already there are skipped); "
                                        "selection.md and selection.png are written beside it."),
-    margin: float = typer.Option(1.0, help="Keep a rationale where delta = s(r) - s(none) exceeds this (nats)."),
+    margin: float = typer.Option(0.5, help="Keep a rationale where delta = s(r) - s(none) exceeds this (nats)."),
     temperature: float = typer.Option(0.05, help="The contrastive temperature the model was trained with."),
     sampled_negatives: int = typer.Option(16, help="Other pairs' positives added to each candidate set."),
     no_prompt_reuse: bool = typer.Option(False, help="Prefill every (query, rationale) separately (to measure reuse)."),

@@ -115,18 +115,20 @@ def build_forced_batch(
     return ForcedBatch(inputs, positions, reason, decision_pos.to(device), as_long(t_row), as_long(t_pos), as_long(t_ids))
 
 
-def forced_forward(model: Any, backbone: Backbone, batch: ForcedBatch, banned: torch.Tensor | None = None) -> ForcedOutput:
+def forced_forward(model: Any, backbone: Backbone, batch: ForcedBatch, banned: torch.Tensor | None = None,
+                   temperature: float = 1.0) -> ForcedOutput:
     """One forward through ``model`` (the backbone or its DDP/FSDP wrapper).
 
-    ``banned`` (a vocabulary mask) restricts the rationale distribution the way sampling does,
-    for RL; without it, log-probs are over the full vocabulary (the next-token loss).
+    ``banned`` (a vocabulary mask) and ``temperature`` give the rationale tokens' log-probs under
+    the distribution they were sampled from, for RL; by default they are over the full
+    vocabulary at temperature 1 (the next-token loss).
     """
     B = batch.size
     rows = torch.arange(B, device=batch.decision_pos.device)
     index = (torch.cat([rows, batch.target_row]), torch.cat([batch.decision_pos, batch.target_pos]))
     out = model(batch.inputs, batch.positions, logits_index=index)
     decision = out.logits[:B][:, [backbone.ids.think, backbone.ids.emb]]
-    target_logits = out.logits[B:]
+    target_logits = out.logits[B:] / temperature
     if banned is not None:
         target_logits = target_logits.masked_fill(banned.to(target_logits.device), float("-inf"))
     target_logprobs = torch.log_softmax(target_logits, dim=-1).gather(1, batch.target_ids.view(-1, 1)).flatten()

@@ -51,9 +51,12 @@ class PipelineConfig:
     pretrain: dict[str, Any] = field(default_factory=lambda: {
         "max_steps": 600, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 0.0}})
     rationales: dict[str, Any] = field(default_factory=lambda: {"teachers": ["minimmeb"], "k": 4})
+    # Short and gentle: most candidates are flawed, and a long warm-up on them teaches the model to
+    # write (and trust) flawed reasoning, which blurs the utility the selection measures.
     warmup: dict[str, Any] = field(default_factory=lambda: {
-        "max_steps": 300, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 0.0}})
-    select: dict[str, Any] = field(default_factory=lambda: {"margin": 1.0, "sampled_negatives": 16})
+        "max_steps": 100, "lr": 2.0e-4, "warmup_steps": 10,
+        "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 0.0}})
+    select: dict[str, Any] = field(default_factory=lambda: {"margin": 0.5, "sampled_negatives": 16})
     joint: dict[str, Any] = field(default_factory=lambda: {
         "max_steps": 400, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 1.0}})
     # The "blind reasoning" ablation: joint training on all candidates, no selection (off in the demo).
@@ -64,8 +67,8 @@ class PipelineConfig:
     baseline: dict[str, Any] = field(default_factory=lambda: {
         "loss": {"reason_nce": 0.0, "lm": 0.0, "direct_nce": 1.0, "decision": 0.0}})
     rl: dict[str, Any] = field(default_factory=lambda: {
-        "steps": 30, "queries_per_step": 16, "group_size": 8, "lr": 1.0e-4, "max_reasoning_tokens": 64,
-        "cost": 0.1, "beta": 0.04, "save_every": 10})
+        "steps": 80, "queries_per_step": 16, "group_size": 8, "lr": 1.0e-4, "max_reasoning_tokens": 64,
+        "cost": 0.1, "beta": 0.04, "save_every": 20})
     gate: dict[str, Any] = field(default_factory=lambda: {"epochs": 6, "batch_size": 64, "lr": 1.0e-3})
     eval: dict[str, Any] = field(default_factory=lambda: {
         "split": "test", "max_reasoning_tokens": 64, "think_threshold": 0.5, "batch_size": 64,

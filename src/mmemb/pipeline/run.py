@@ -1,7 +1,8 @@
 """Running the stages in order: skipped when done, redone on --force, the baseline beside the chain.
 
 A stage is done when its marker ``.stages/<stage>.json`` exists (written last, with its wall
-time). ``--force STAGE`` removes the markers and outputs of that stage and of every later stage.
+time). ``--force STAGE`` removes the markers and outputs of that stage and of every stage that
+depends on it (directly or not), so nothing stale survives and nothing else is redone.
 The direct-only baseline needs only the pretrained model, so it is started in a second process
 (one core) as soon as pretraining is done, while the main chain goes on here on the other core.
 """
@@ -21,7 +22,7 @@ import yaml
 
 from ..fileio import read_json, write_json
 from .config import PipelineConfig
-from .stages import OUTPUTS, STAGES, Run
+from .stages import DEPENDS, OUTPUTS, STAGES, Run
 
 ORDER = list(STAGES)
 
@@ -34,11 +35,20 @@ def is_done(run: Run, stage: str) -> bool:
     return marker(run, stage).is_file()
 
 
+def dependents(stage: str) -> list[str]:
+    """``stage`` and every stage that depends on it, in run order."""
+    out = {stage}
+    for later in ORDER[ORDER.index(stage) + 1:]:
+        if out & set(DEPENDS[later]):
+            out.add(later)
+    return [s for s in ORDER if s in out]
+
+
 def force(run: Run, stage: str) -> None:
-    """Forget ``stage`` and everything after it (markers and outputs)."""
+    """Forget ``stage`` and its dependents (markers and outputs)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(ORDER)}")
-    for later in ORDER[ORDER.index(stage):]:
+    for later in dependents(stage):
         if run.cfg.benchmark and later == "data":
             continue  # never delete a benchmark the run did not build
         marker(run, later).unlink(missing_ok=True)

@@ -284,6 +284,14 @@ STAGES: dict[str, Callable[[Run], None]] = {
     "report": stage_report,
 }
 
+# What each stage reads from earlier stages: --force STAGE redoes it and everything that depends on it.
+DEPENDS: dict[str, list[str]] = {
+    "data": [], "backbone": [], "pretrain_lm": ["data", "backbone"], "pretrain": ["pretrain_lm"],
+    "rationales": ["data", "pretrain"], "warmup": ["rationales"], "select": ["warmup"], "joint": ["select"],
+    "blind": ["warmup"], "rl": ["joint"], "gate": ["rl", "joint"], "baseline": ["pretrain", "rationales"],
+    "eval": ["rl", "gate", "baseline", "blind", "joint"], "report": ["eval", "select"],
+}
+
 # What each stage leaves behind (removed by --force so the stage really runs again).
 OUTPUTS: dict[str, list[str]] = {
     "data": ["minimmeb"], "backbone": ["backbone"], "pretrain_lm": ["pretrain_lm", "pairs/pretrain"],

@@ -51,8 +51,8 @@ class ReasoningGate(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """features (B, L, input_dim), mask (B, L) of real tokens -> logits (B,)."""
-        L = features.shape[1]
-        pos = torch.arange(L, device=features.device).clamp(max=self.config.max_len - 1)
+        # Positions count real tokens, so left padding (batch composition) changes nothing.
+        pos = (mask.long().cumsum(1) - 1).clamp(min=0, max=self.config.max_len - 1)
         h = self.proj(features) + self.pos(pos)
         h = self.encoder(h, src_key_padding_mask=~mask.bool())
         h = self.norm(h)
@@ -121,10 +121,8 @@ def train_gate(backbone: Backbone, pairs: Sequence[Pair], config: GateTrainConfi
     torch.manual_seed(cfg.seed)
     gate = ReasoningGate(gate_config or GateConfig(input_dim=backbone.hidden_size))
     opt = torch.optim.AdamW(gate.parameters(), lr=cfg.lr, weight_decay=0.01)
+    # Plain (unweighted) cross-entropy keeps p(reason) calibrated: the threshold means what it says.
     feats_train = _featurize(backbone, train, cfg.batch_size)
-    labels = torch.cat([y for _, _, y in feats_train])
-    pos_share = float(labels.mean())
-    pos_weight = torch.tensor((1 - pos_share) / max(pos_share, 1e-3))  # balance the classes
     from tqdm.auto import trange
 
     for _ in trange(cfg.epochs, desc="gate", disable=not show_progress):
@@ -133,7 +131,7 @@ def train_gate(backbone: Backbone, pairs: Sequence[Pair], config: GateTrainConfi
         rng.shuffle(order)
         for i in order:
             x, m, y = feats_train[i]
-            loss = F.binary_cross_entropy_with_logits(gate(x, m), y, pos_weight=pos_weight)
+            loss = F.binary_cross_entropy_with_logits(gate(x, m), y)
             opt.zero_grad()
             loss.backward()
             opt.step()

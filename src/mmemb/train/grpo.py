@@ -4,14 +4,17 @@ Each step samples Q training queries and G completions per query from the curren
 first assistant token decides: <emb> ends the completion, <think> continues to </think> or the
 budget), embeds each completion at its <emb>, and rewards it:
 
-    reward = log p(positive | completion's embedding, the batch's targets)      retrieval reward
+    reward = 1 / rank(positive | completion's embedding, the batch's targets)   retrieval reward
              - cost * reasoning_tokens / budget                                  reasoning must pay
              - malformed_penalty * [budget hit before </think>]
 
-The retrieval reward is the log-probability of the positive under the same softmax over cosine
-similarities / temperature that training optimises: dense (every completion gets a graded
-signal, unlike a 0/1 hit), on the scale of the contrastive loss, and it moves exactly when the
-reasoning makes the match better or worse — the reasoning-utility gap of the paper.
+The retrieval reward is the reciprocal rank of the positive among the step's targets (one task
+per step, with the pairs' hard negatives, so the ranking is as hard as evaluation's). We chose it
+over the log-probability of the positive (``reward="logprob"``): both grade every completion, but
+the log-probability punishes a confident mistake far more than it rewards a confident hit, so a
+hedging direct embedding can out-score reasoning that is right more often; the reciprocal rank
+moves with what evaluation counts (the top of the ranking), bounded in [0, 1], so the cost of
+reasoning is in the same units: reasoning must buy rank.
 The update is GRPO (group-normalised advantages, clipped ratio, k3 KL to the frozen joint
 checkpoint), plus an optional direct-path InfoNCE term that keeps embeddings aligned while the
 policy moves.
@@ -51,9 +54,14 @@ class RLConfig:
     lr: float = 2e-4
     epsilon: float = 0.2
     beta: float = 0.04
-    temperature: float = 1.0  # sampling temperature of the rationale tokens
+    # Rationale tokens are sampled (and their log-probs taken) at this temperature; the decision at 1.
+    # A small model's rationales sampled at 1.0 are mostly wrong, which makes reasoning look worse
+    # than the greedy reasoning it will do at inference.
+    temperature: float = 0.5
     max_reasoning_tokens: int = 64
-    reward_temperature: float = 0.02
+    reward: str = "mrr"  # mrr (reciprocal rank of the positive) | logprob (log p of the positive)
+    reward_temperature: float = 0.02  # for the logprob reward and the direct NCE term
+    one_task_per_step: bool = True  # each step's queries from one dataset: targets as hard as evaluation's
     cost: float = 0.1  # lambda: reward lost by a completion that uses the whole budget
     malformed_penalty: float = 1.0
     nce_weight: float = 0.5  # direct-path InfoNCE beside the policy loss (0 = off)
@@ -87,6 +95,12 @@ def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Pa
     pairs = [p for spec in cfg.data for p in read_pairs(spec)]
     if not pairs:
         raise ValueError("rl: no training pairs (check --data)")
+    if cfg.reward not in ("mrr", "logprob"):
+        raise ValueError(f"rl: reward must be mrr or logprob, not {cfg.reward!r}")
+    by_task: dict[str, list[Pair]] = {}
+    for p in pairs:
+        by_task.setdefault(p.dataset if cfg.one_task_per_step else "all", []).append(p)
+    tasks = sorted(by_task)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     if start_step:
@@ -98,7 +112,8 @@ def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Pa
     with JsonlAppender(out / "log.jsonl") as log:
         for step in trange(start_step, cfg.steps, desc="rl (GRPO)", disable=not show_progress,
                            initial=start_step, total=cfg.steps):
-            batch = rng.sample(pairs, min(cfg.queries_per_step, len(pairs)))
+            group = by_task[rng.choice(tasks)]
+            batch = rng.sample(group, min(cfg.queries_per_step, len(group)))
             record = rl_step(policy, reference, reasoner, opt, batch, sampling, gen, cfg)
             record["step"] = step + 1
             log.write(record)
@@ -121,11 +136,10 @@ def rl_step(policy: Backbone, reference: Backbone, reasoner: Reasoner, opt, batc
     policy.eval()
     ro = sample_groups(policy, reasoner, queries, cfg.group_size, sampling, gen)
     policy.train()
-    logits = ro.embeddings @ targets.T / cfg.reward_temperature
-    logp_pos = torch.logsumexp(logits.masked_fill(~positive[ro.owners], float("-inf")), 1) - torch.logsumexp(logits, 1)
+    retrieval = retrieval_reward(ro.embeddings, targets, positive[ro.owners], cfg.reward, cfg.reward_temperature)
     cost = cfg.cost * ro.reasoning_tokens / max(1, cfg.max_reasoning_tokens)
     malformed = (~ro.closed).float()
-    rewards = logp_pos - cost - cfg.malformed_penalty * malformed
+    rewards = retrieval - cost - cfg.malformed_penalty * malformed
     adv = group_advantages(rewards, cfg.group_size)
 
     owners = ro.owners.tolist()
@@ -133,10 +147,10 @@ def rl_step(policy: Backbone, reference: Backbone, reasoner: Reasoner, opt, batc
     visuals = [load_visuals(q) for q in queries]
     forced = build_forced_batch(policy, [prompts[o] for o in owners], [visuals[o] for o in owners], ro.rationale_ids)
     banned = reasoner.banned
-    out = forced_forward(policy, policy, forced, banned=banned)
+    out = forced_forward(policy, policy, forced, banned=banned, temperature=cfg.temperature)
     logp, mask = completion_logprobs(out, ro)
     with torch.no_grad():
-        ref_out = forced_forward(reference, reference, forced, banned=banned)
+        ref_out = forced_forward(reference, reference, forced, banned=banned, temperature=cfg.temperature)
         ref_logp, _ = completion_logprobs(ref_out, ro)
     terms = grpo_loss(logp, logp.detach(), ref_logp, mask, adv, cfg.epsilon, cfg.beta)
     loss = terms.loss
@@ -161,7 +175,7 @@ def rl_step(policy: Backbone, reference: Backbone, reasoner: Reasoner, opt, batc
     return {
         "loss": float(loss.detach()), "policy_loss": float(terms.policy.detach()), "kl": float(terms.kl.detach()),
         "nce": float(nce.detach()),
-        "reward": float(rewards.mean()), "retrieval_reward": float(logp_pos.mean()),
+        "reward": float(rewards.mean()), "retrieval_reward": float(retrieval.mean()),
         "invocation": float(think.mean()),
         "invocation_per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
         "p_think": float(ro.p_think.mean()),
@@ -169,6 +183,18 @@ def rl_step(policy: Backbone, reference: Backbone, reasoner: Reasoner, opt, batc
         "malformed": float(malformed.mean()), "clipped": float(terms.clipped_share),
         "grad_norm": float(grad_norm), "seconds": time.perf_counter() - t0,
     }
+
+
+def retrieval_reward(emb: torch.Tensor, targets: torch.Tensor, positive: torch.Tensor, kind: str,
+                     temperature: float) -> torch.Tensor:
+    """Per completion: 1 / (rank of its best positive), or log p(positives) (see the module docstring)."""
+    scores = emb @ targets.T
+    if kind == "logprob":
+        logits = scores / temperature
+        return torch.logsumexp(logits.masked_fill(~positive, float("-inf")), 1) - torch.logsumexp(logits, 1)
+    best = scores.masked_fill(~positive, float("-inf")).amax(1, keepdim=True)
+    ahead = ((scores > best) & ~positive).sum(1)  # negatives ranked above the best positive
+    return 1.0 / (1.0 + ahead.float())
 
 
 def _targets(batch: list[Pair]) -> tuple[list, torch.Tensor]:
