@@ -151,3 +151,16 @@ def test_tokens_processed_has_no_second_prefill(embedders, mixed_items):
     assert r.tokens_processed == int((r.prompt_tokens + r.generated_tokens + 1).sum())
     d = e.encode(mixed_items, mode="direct")
     assert d.tokens_processed == int((d.prompt_tokens + 1).sum())
+
+
+@pytest.mark.parametrize("mode", ["reason", "auto"])
+def test_reasoning_rows_of_several_batches_decode_together(embedders, mixed_items, mode):
+    """Small batches pool their reasoning rows into one decode on merged (left-padded) caches."""
+    e = embedders["qwen3_vl"]
+    thr = float(np.median(e.encode(mixed_items).p_think)) + 1e-7
+    one = e.encode(mixed_items, mode=mode, batch_size=32, think_threshold=thr, max_reasoning_tokens=8)
+    pooled = e.encode(mixed_items, mode=mode, batch_size=2, think_threshold=thr, max_reasoning_tokens=8)
+    assert pooled.reasoned.tolist() == one.reasoned.tolist() and pooled.reasoned.sum() >= 3
+    assert pooled.rationale_token_ids == one.rationale_token_ids
+    assert np.abs(pooled.embeddings - one.embeddings).max() <= 1e-4
+    assert pooled.tokens_processed == one.tokens_processed

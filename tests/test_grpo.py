@@ -41,3 +41,13 @@ def test_rl_resumes_from_last_state(tiny_path, minimmeb_small, tmp_path):
     a, b = load_backbone(full), load_backbone(resumed)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert (p - q).abs().max() < 1e-5, n
+
+
+def test_rl_with_lora_merges_into_a_plain_checkpoint(tiny_path, minimmeb_small, tmp_path):
+    final = run_rl(_cfg(tiny_path, minimmeb_small, tmp_path / "lora", steps=2, lr=1e-2,
+                        lora={"rank": 4, "alpha": 8}), show_progress=False)
+    assert not (final / "adapter_config.json").exists() and (final / "model.safetensors").is_file()
+    rows = read_jsonl(tmp_path / "lora" / "log.jsonl")
+    assert rows[0]["kl"] == 0.0  # step 1: the adapter starts at zero, the policy is the reference
+    a, b = load_backbone(tiny_path), load_backbone(final)
+    assert any((p - q).abs().max() > 0 for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters()))

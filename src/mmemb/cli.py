@@ -380,6 +380,21 @@ def report(
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+@app.command("convert-mmeb-train")
+def convert_mmeb_train(
+    input: Path = typer.Option(..., "--input", help="MMEB-train folder: one <dataset>/<split>-*.parquet folder each."),
+    images: Path = typer.Option(..., help="Where MMEB-train's images are unpacked (row image paths are relative to it)."),
+    out: Path = typer.Option(..., help="Output folder: <dataset>.jsonl Pair files for `mmemb train` / the pipeline."),
+    split: str = typer.Option("original", help="original | diverse_instruction"),
+    dataset: list[str] = typer.Option([], help="Only these datasets (repeatable)."),
+):
+    """Convert VLM2Vec's MMEB-train to mmemb's Pair JSONL (instructions split off as evaluation does)."""
+    from .data.mmeb_train import convert_mmeb_train as convert
+
+    counts = convert(input, images, out, datasets=dataset or None, split=split)
+    typer.echo(f"{sum(counts.values())} pairs in {len(counts)} datasets written to {out}")
+
+
 @app.command()
 def rationales(
     teacher: list[str] = typer.Option(..., help="Teacher spec, repeatable: minimmeb[:faithful=0.4,...] | "

@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbone import Backbone, load_backbone
-from .generation import Reasoner, SamplingConfig
+from .generation import Reasoner, SamplingConfig, merge_caches
+from .kv_cache import new_cache
 from .items import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Item, ItemError, as_items, load_visuals
 from .prompts import EMB, THINK, render_prompt
 
@@ -29,6 +30,9 @@ MODES = ("direct", "reason", "auto")
 # The user-facing reasoning switch (server requests, search) -> the encode mode.
 REASONING_MODES = {"auto": "auto", "always": "reason", "never": "direct"}
 WINDOW_BATCHES = 16  # batches whose images are held in memory at once
+# Reasoning rows pooled from several prefill batches decode together: a decoding step costs about
+# the same for 8 rows as for 200 on small models, so pooling amortises it (KV caches grow with it).
+MAX_DECODE_ROWS = 256
 
 
 @dataclass
@@ -140,10 +144,16 @@ class Embedder:
                     except (ImageError, ItemError) as e:
                         self._fail(res, i, items[i], e, on_error)
                 prepared.sort(key=lambda p: -_length_key(p[1], p[2]))
+                pool: list[_Pending] = []  # reasoning rows of several batches decode together
                 for b0 in range(0, len(prepared), batch_size):
                     batch = prepared[b0:b0 + batch_size]
-                    self._encode_batch_safely(items, batch, mode, think_threshold, sampling, res, on_error)
+                    pool += self._prefill_safely(items, batch, mode, think_threshold, res, on_error)
+                    if sum(p.rows for p in pool) >= max(batch_size, MAX_DECODE_ROWS):
+                        self._decode(pool, sampling, res)
+                        pool = []
                     bar.update(len(batch))
+                if pool:
+                    self._decode(pool, sampling, res)
                 bar.update(min(n, w0 + window) - w0 - len(prepared))
         finally:
             bar.close()
@@ -159,25 +169,27 @@ class Embedder:
             raise error from None
         res.errors.append(error)
 
-    def _encode_batch_safely(self, items, batch, mode, threshold, sampling, res, on_error) -> None:
+    def _prefill_safely(self, items, batch, mode, threshold, res, on_error) -> list["_Pending"]:
         try:
-            self._encode_batch(batch, mode, threshold, sampling, res)
+            pending = self._prefill(batch, mode, threshold, res)
+            return [pending] if pending is not None else []
         except (ValueError, RuntimeError) as e:
             if len(batch) == 1:
                 self._fail(res, batch[0][0], items[batch[0][0]], e, on_error)
-            else:  # isolate the item that broke the batch; the others still get their vectors
-                for one in batch:
-                    self._encode_batch_safely(items, [one], mode, threshold, sampling, res, on_error)
+                return []
+            # isolate the item that broke the batch; the others still get their vectors
+            return [p for one in batch for p in self._prefill_safely(items, [one], mode, threshold, res, on_error)]
 
     @torch.no_grad()
-    def _encode_batch(self, batch, mode: str, threshold: float, sampling: SamplingConfig, res: Encoded) -> None:
+    def _prefill(self, batch, mode: str, threshold: float, res: Encoded) -> "_Pending | None":
+        """One forward over the batch: direct vectors and decisions written; reasoning rows returned."""
         bb = self.backbone
         idx = [b[0] for b in batch]
         prompts = [b[1] for b in batch]
         visuals = [b[2] for b in batch]
         gate_p = None
         if mode == "auto" and self.gate is not None:
-            gate_p = self.gate.p_think([b[1] for b in batch], visuals, bb)
+            gate_p = self.gate.p_think(prompts, visuals, bb)
             suffix = [THINK if p >= threshold else EMB for p in gate_p]
         else:
             suffix = [THINK if mode == "reason" else EMB] * len(batch)
@@ -185,8 +197,7 @@ class Embedder:
         positions, next_pos = bb.rope_positions(inputs)
         B, L = inputs["input_ids"].shape
         rows = torch.arange(B, device=bb.device)
-        need_cache = mode != "direct"
-        cache = _new_cache(bb) if need_cache else None
+        cache = _new_cache(bb) if mode != "direct" else None
         # Logits at the last prompt position (the decision) and at the last position (what follows).
         index = (torch.cat([rows, rows]), torch.cat([torch.full_like(rows, L - 2), torch.full_like(rows, L - 1)]))
         out = bb(inputs, positions, cache=cache, logits_index=index)
@@ -194,51 +205,69 @@ class Embedder:
         p_think = torch.softmax(decision_logits[:, [bb.ids.think, bb.ids.emb]], dim=-1)[:, 0]
         if gate_p is not None:
             p_think = torch.as_tensor(gate_p, dtype=torch.float32, device=bb.device)
-        prompt_len = inputs["attention_mask"].sum(1) - 1
-        emb = out.hidden[:, -1].float()
-        think = torch.zeros(B, dtype=torch.bool, device=bb.device)
-        if mode == "reason":
-            think[:] = True
-        elif mode == "auto":
+        think = torch.full((B,), mode == "reason", dtype=torch.bool, device=bb.device)
+        if mode == "auto":
             think = p_think >= threshold
-        res.tokens_processed += int(inputs["attention_mask"].sum())
-
-        if think.any():
-            sel = torch.nonzero(think).flatten()
-            mask = inputs["attention_mask"]
-            prefill_ends_in_think = mode == "reason" or gate_p is not None
-            if prefill_ends_in_think:
-                # The prefill ends in <think>: continue from its logits.
-                cache.batch_select_indices(sel)
-                result = self.reasoner.run(cache, mask[sel], next_pos[sel], next_logits[sel], sampling, True)
-            else:
-                # The prefill ends in <emb>: drop that slot, feed <think> in its place.
-                cache.crop(-1)
-                cache.batch_select_indices(sel)
-                first = torch.full((sel.numel(),), bb.ids.think, dtype=torch.long, device=bb.device)
-                result = self.reasoner.run(cache, mask[sel, :-1], next_pos[sel] - 1, first, sampling, False)
-            emb[sel] = result.embeddings
-            texts = bb.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
-            for k, r in enumerate(sel.tolist()):
-                i = idx[r]
-                res.rationales[i] = texts[k].strip()
-                res.rationale_token_ids[i] = result.tokens[k]
-                res.generated_tokens[i] = len(result.tokens[k]) + 2  # <think> ... </think>
-                # rationale + </think> + <emb>, plus <think> where the prefill ended in <emb>
-                res.tokens_processed += len(result.tokens[k]) + (2 if prefill_ends_in_think else 3)
-        emb = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+        mask = inputs["attention_mask"]
+        res.tokens_processed += int(mask.sum())
+        emb = torch.nn.functional.normalize(out.hidden[:, -1].float(), dim=-1).cpu().numpy()
         for r, i in enumerate(idx):
-            res.embeddings[i] = emb[r]
+            res.embeddings[i] = emb[r]  # reasoning rows are overwritten once decoded
             res.reasoned[i] = bool(think[r])
             res.p_think[i] = float(p_think[r])
-            res.prompt_tokens[i] = int(prompt_len[r])
+            res.prompt_tokens[i] = int(mask[r].sum()) - 1
             res.ok[i] = True
+        if not think.any():
+            return None
+        sel = torch.nonzero(think).flatten()
+        rows_idx = [idx[r] for r in sel.tolist()]
+        if mode == "reason" or gate_p is not None:
+            # The prefill ends in <think>: continue from its logits.
+            cache.batch_select_indices(sel)
+            return _Pending(cache, mask[sel], next_pos[sel], next_logits[sel], True, rows_idx)
+        # The prefill ends in <emb>: drop that slot, feed <think> in its place.
+        cache.crop(-1)
+        cache.batch_select_indices(sel)
+        first = torch.full((sel.numel(),), bb.ids.think, dtype=torch.long, device=bb.device)
+        return _Pending(cache, mask[sel, :-1], next_pos[sel] - 1, first, False, rows_idx)
+
+    @torch.no_grad()
+    def _decode(self, pool: list["_Pending"], sampling: SamplingConfig, res: Encoded) -> None:
+        """Decode the pooled reasoning rows of several prefills together, on their merged caches."""
+        cache, mask = merge_caches([p.cache for p in pool], [p.mask for p in pool], self.backbone)
+        first = torch.cat([p.first for p in pool])
+        logits_first = pool[0].first_is_logits
+        result = self.reasoner.run(cache, mask, torch.cat([p.next_pos for p in pool]), first, sampling, logits_first)
+        rows = [i for p in pool for i in p.items]
+        emb = torch.nn.functional.normalize(result.embeddings, dim=-1).cpu().numpy()
+        texts = self.backbone.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
+        for k, i in enumerate(rows):
+            res.embeddings[i] = emb[k]
+            res.rationales[i] = texts[k].strip()
+            res.rationale_token_ids[i] = result.tokens[k]
+            res.generated_tokens[i] = len(result.tokens[k]) + 2  # <think> ... </think>
+            # rationale + </think> + <emb>, plus <think> where the prefill ended in <emb>
+            res.tokens_processed += len(result.tokens[k]) + (2 if logits_first else 3)
+
+
+@dataclass
+class _Pending:
+    """Reasoning rows of one prefill, waiting to decode: their cache and where they stand."""
+
+    cache: Any
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    first: torch.Tensor  # next-token logits (prefill ended in <think>) or the token ids to feed first
+    first_is_logits: bool
+    items: list[int]
+
+    @property
+    def rows(self) -> int:
+        return len(self.items)
 
 
 def _new_cache(bb: Backbone):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=bb.config.text_config)
+    return new_cache(bb.config.text_config)
 
 
 def _length_key(prompt: str, visuals: tuple) -> int:

@@ -133,3 +133,24 @@ def _sentence_end_ids(tokenizer, vocab: int) -> torch.Tensor:
     for tok_id, text in enumerate(texts):
         flags[tok_id] = text.rstrip(" ").endswith((".", "!", "?", "\n"))
     return flags
+
+
+def merge_caches(caches: list, masks: list[torch.Tensor], backbone: Backbone):
+    """One cache (and attention mask) from several batches' caches: each is left-padded to the
+    longest with masked slots, so every row keeps its own positions and sees only its own tokens."""
+    from .kv_cache import new_cache
+
+    if len(caches) == 1:
+        return caches[0], masks[0]
+    length = max(m.shape[1] for m in masks)
+    merged = new_cache(backbone.config.text_config)
+    for layer in range(len(caches[0].layers)):
+        keys, values = [], []
+        for cache, mask in zip(caches, masks):
+            k, v = cache.layers[layer].keys, cache.layers[layer].values
+            pad = length - k.shape[2]
+            keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+            values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+        merged.update(torch.cat(keys), torch.cat(values), layer)
+    mask = torch.cat([torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in masks])
+    return merged, mask

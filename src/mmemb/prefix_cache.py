@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import Backbone
+from .kv_cache import new_cache
 
 
 @dataclass
@@ -37,13 +38,11 @@ class Prefilled:
 @torch.no_grad()
 def prefill(backbone: Backbone, prompts: Sequence[str], visuals: Sequence[tuple]) -> Prefilled:
     """One forward over the prompts (up to the assistant turn), keeping the cache."""
-    from transformers import DynamicCache
-
     inputs = backbone.prepare(list(prompts), list(visuals))
     positions, next_pos = backbone.rope_positions(inputs)
     B, L = inputs["input_ids"].shape
     rows = torch.arange(B, device=backbone.device)
-    cache = DynamicCache(config=backbone.config.text_config)
+    cache = new_cache(backbone.config.text_config)
     out = backbone(inputs, positions, cache=cache, logits_index=(rows, torch.full_like(rows, L - 1)))
     mask = inputs["attention_mask"]
     return Prefilled(cache, mask, next_pos, out.logits, mask.sum(1))

@@ -33,12 +33,22 @@ class PipelineConfig:
     build: dict[str, Any] = field(default_factory=lambda: {"train_pairs": 20_000, "val_queries": 100,
                                                           "test_queries": 200})
     backbone: dict[str, Any] = field(default_factory=lambda: {"arch": "qwen3_vl", "size": "tiny"})
+    # Full scale: training pairs from elsewhere (a Pair-JSONL spec, e.g. `mmemb convert-mmeb-train`
+    # output) and other evaluation tasks ("mmeb-v2" with eval_data = a local MMEB-V2 copy).
+    train_data: str = ""  # "" = the benchmark's train split
+    eval_tasks: str = "minimmeb"
+    eval_data: str = ""  # "" = the benchmark folder
     # Training pairs the method's stages use (rationales, selection, warm-up, joint, RL), spread
-    # evenly over the tasks; 0 = all.
+    # evenly over the datasets; 0 = all.
     method_pairs: int = 3000
     # Processes for the pretraining stages (both cores); the rest runs one process per core:
-    # the main chain here, the direct-only baseline beside it.
+    # the main chain here, the direct-only baseline beside it (parallel_baseline).
     pretrain_processes: int = 2
+    processes: int = 1  # processes for warm-up, joint, blind and baseline training (GPUs at full scale)
+    accelerate_config: str | None = None  # an accelerate config file (FSDP, DeepSpeed) for those launches
+    parallel_baseline: bool = True
+    device: str = "cpu"  # where selection, RL, the gate and evaluation run
+    dtype: str = "auto"
     # Shared trainer settings, then per-stage overrides.
     train: dict[str, Any] = field(default_factory=lambda: {
         "batch_size": 32, "lr": 5.0e-4, "schedule": "cosine", "warmup_steps": 20, "one_dataset_per_batch": True,

@@ -54,10 +54,19 @@ class Run:
     def read_pairs(self, name: str) -> list[Pair]:
         return read_pairs(str(self.pairs_dir(name) / "*.jsonl"))
 
+    @property
+    def is_minimmeb(self) -> bool:
+        return not self.cfg.train_data or self.cfg.eval_tasks.startswith("minimmeb")
+
+    def load(self, model: Path, gate=None):
+        from ..embedder import Embedder
+
+        return Embedder.from_pretrained(str(model), gate=gate, device=self.cfg.device, dtype=self.cfg.dtype)
+
     def subset(self) -> list[Pair]:
-        """The method's training pairs: ``method_pairs`` spread evenly over the tasks, seeded."""
+        """The method's training pairs: ``method_pairs`` spread evenly over the datasets, seeded."""
         if not self.pairs_dir("subset").is_dir():
-            pairs = read_pairs(self.benchmark)
+            pairs = read_pairs(self.cfg.train_data or self.benchmark)
             by_task: dict[str, list[Pair]] = {}
             for p in pairs:
                 by_task.setdefault(p.dataset, []).append(p)
@@ -72,7 +81,7 @@ class Run:
 
 
 # ---- training stages ------------------------------------------------------------------------
-def train_stage(run: Run, stage: str, model: Path, pairs_dir: Path, processes: int = 1,
+def train_stage(run: Run, stage: str, model: Path, pairs_dir: Path, processes: int | None = None,
                 extra: dict | None = None) -> Path:
     """Train ``stage`` from ``model`` on every pair file in ``pairs_dir``; resume a killed run."""
     from ..train.checkpoint import latest_checkpoint
@@ -84,7 +93,8 @@ def train_stage(run: Run, stage: str, model: Path, pairs_dir: Path, processes: i
                   datasets=[{"path": str(f)} for f in sorted(pairs_dir.glob("*.jsonl"))])
     cfg = config_from_dict(values)
     resume = latest_checkpoint(cfg.output_dir) is not None
-    if processes > 1:
+    processes = run.cfg.processes if processes is None else processes
+    if processes > 1 or run.cfg.accelerate_config:
         return _train_processes(run, stage, cfg, processes, resume)
     from ..train import train
 
@@ -103,6 +113,8 @@ def _train_processes(run: Run, stage: str, cfg, processes: int, resume: bool) ->
     cmd = [sys.executable, "-m", "mmemb.cli", "train", "--config", str(recipe), "--num-processes", str(processes)]
     if resume:
         cmd.append("--resume")
+    if run.cfg.accelerate_config:
+        cmd += ["--accelerate-config", run.cfg.accelerate_config]
     subprocess.run(cmd, check=True)
     return Path(cfg.output_dir) / "model"
 
@@ -135,8 +147,8 @@ def examples_seen(values: dict, steps_key: str = "max_steps", batch_key: str = "
 def stage_data(run: Run) -> None:
     from ..data.minimmeb import BuildConfig, build
 
-    if run.cfg.benchmark:
-        if not (run.benchmark / "manifest.json").is_file():
+    if run.cfg.benchmark or not run.is_minimmeb:
+        if run.cfg.benchmark and not (run.benchmark / "manifest.json").is_file():
             raise FileNotFoundError(f"benchmark {run.benchmark} has no manifest.json")
         return
     build(run.benchmark, BuildConfig(seed=run.cfg.seed, **run.cfg.build), progress=True)
@@ -182,7 +194,6 @@ def stage_warmup(run: Run) -> None:
 
 
 def stage_select(run: Run) -> None:
-    from ..embedder import Embedder
     from ..train.rationales import load_rationales
     from ..train.selection import SelectionConfig, select
     from ..train.selection_report import write_selection_report
@@ -190,7 +201,7 @@ def stage_select(run: Run) -> None:
     opts = dict(run.cfg.select)
     opts.setdefault("temperature", run.cfg.stage_train("joint")["loss"]["temperature"])
     opts.setdefault("seed", run.cfg.seed)
-    select(Embedder.from_pretrained(str(run.model("warmup"))), run.subset(),
+    select(run.load(run.model("warmup")), run.subset(),
            load_rationales(run.root / "rationales.jsonl"), run.root / "selection.jsonl", SelectionConfig(**opts))
     write_selection_report(run.root / "selection.jsonl", run.root / "selection")
 
@@ -229,9 +240,12 @@ def stage_baseline(run: Run) -> None:
 def stage_rl(run: Run) -> None:
     from ..train.grpo import RLConfig, run_rl
 
+    opts = dict(run.cfg.rl)
+    opts.setdefault("device", run.cfg.device)
+    opts.setdefault("dtype", run.cfg.dtype)
     cfg = RLConfig(model=str(run.model("joint")), out=str(run.root / "rl"),
                    data=[str(run.pairs_dir("subset") / "*.jsonl")], seed=run.cfg.seed,
-                   reward_temperature=run.cfg.stage_train("joint")["loss"]["temperature"], **run.cfg.rl)
+                   reward_temperature=run.cfg.stage_train("joint")["loss"]["temperature"], **opts)
     run_rl(cfg)
 
 
@@ -240,7 +254,7 @@ def stage_gate(run: Run) -> None:
     from ..train.gate import GateTrainConfig, train_gate
 
     pairs = run.read_pairs("joint")
-    gate, metrics = train_gate(load_backbone(run.model("rl")), pairs,
+    gate, metrics = train_gate(load_backbone(run.model("rl"), device=run.cfg.device, dtype=run.cfg.dtype), pairs,
                                GateTrainConfig(seed=run.cfg.seed, **run.cfg.gate), show_progress=True)
     gate.save(run.root / "gate")
     write_json(run.root / "gate_metrics.json", metrics)
@@ -260,21 +274,26 @@ def systems(run: Run) -> dict[str, tuple[Path, str, bool]]:
 
 
 def stage_eval(run: Run) -> None:
-    from ..embedder import Embedder
     from ..eval.runner import evaluate
     from ..train.gate import load_gate
 
     opts = {k: v for k, v in run.cfg.eval.items() if k != "sweep"}
+    data = run.cfg.eval_data or str(run.benchmark)
     for name, (model, mode, gated) in systems(run).items():
-        embedder = Embedder.from_pretrained(str(model), gate=load_gate(run.root / "gate") if gated else None)
-        evaluate(embedder, "minimmeb", run.root / "eval" / name, mode=mode, data=str(run.benchmark),
+        embedder = run.load(model, gate=load_gate(run.root / "gate") if gated else None)
+        evaluate(embedder, run.cfg.eval_tasks, run.root / "eval" / name, mode=mode, data=data,
                  cache_dir=str(run.root / "eval" / ".cache"), **opts)
 
 
 def stage_report(run: Run) -> None:
     from .report import write_report
 
-    write_report(run)
+    if run.is_minimmeb:
+        write_report(run)
+    else:  # other benchmarks: the evaluation runs compared side by side
+        from ..eval.report import write_report as compare_runs
+
+        compare_runs([run.root / "eval" / name for name in systems(run)], run.root / "report")
 
 
 STAGES: dict[str, Callable[[Run], None]] = {

@@ -22,6 +22,7 @@ policy moves.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,11 @@ class RLConfig:
     save_every: int = 10
     seed: int = 0
     threads: int | None = None
+    device: str = "cpu"
+    dtype: str = "auto"
+    # LoRA on the policy (keys of mmemb.train.config.LoraConfig, e.g. {rank: 16, alpha: 32}); None = all
+    # weights train. With LoRA the reference is the policy with its adapter switched off (no second copy).
+    lora: dict | None = None
 
 
 def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Path:
@@ -87,8 +93,15 @@ def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Pa
         (out / "log.jsonl").unlink()  # a fresh run starts a fresh log
     write_json(out / "rl_config.json", asdict(cfg))
 
-    policy = load_backbone(source)
-    reference = load_backbone(cfg.model).eval().requires_grad_(False)
+    policy = load_backbone(source, device=cfg.device, dtype=cfg.dtype)
+    if cfg.lora and not start_step:
+        from .config import LoraConfig, TrainConfig
+        from .params import apply_lora
+
+        apply_lora(policy, TrainConfig(model=cfg.model, lora=LoraConfig(enabled=True, **cfg.lora)))
+    reference = None if cfg.lora else load_backbone(cfg.model, device=cfg.device, dtype=cfg.dtype).eval()
+    if reference is not None:
+        reference.requires_grad_(False)
     policy.train()
     reasoner = Reasoner(policy)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -120,13 +133,15 @@ def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Pa
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 _save_state(policy, opt, rng, gen, step + 1, state_path)
     final = out / "model"
+    if cfg.lora:  # the final policy as a plain checkpoint: the adapter merged into the weights
+        policy.model = policy.model.merge_and_unload()
     with atomic_dir(final) as tmp:
         policy.save_pretrained(tmp)
     plot_rl_log(out / "log.jsonl", out / "rl_curves.png")
     return final
 
 
-def rl_step(policy: Backbone, reference: Backbone, reasoner: Reasoner, opt, batch: list[Pair],
+def rl_step(policy: Backbone, reference: Backbone | None, reasoner: Reasoner, opt, batch: list[Pair],
             sampling: SamplingConfig, gen: torch.Generator, cfg: RLConfig) -> dict:
     t0 = time.perf_counter()
     queries = [p.query for p in batch]
@@ -149,8 +164,8 @@ def rl_step(policy: Backbone, reference: Backbone, reasoner: Reasoner, opt, batc
     banned = reasoner.banned
     out = forced_forward(policy, policy, forced, banned=banned, temperature=cfg.temperature)
     logp, mask = completion_logprobs(out, ro)
-    with torch.no_grad():
-        ref_out = forced_forward(reference, reference, forced, banned=banned, temperature=cfg.temperature)
+    with torch.no_grad(), _reference(policy, reference) as ref:
+        ref_out = forced_forward(ref, ref, forced, banned=banned, temperature=cfg.temperature)
         ref_logp, _ = completion_logprobs(ref_out, ro)
     terms = grpo_loss(logp, logp.detach(), ref_logp, mask, adv, cfg.epsilon, cfg.beta)
     loss = terms.loss
@@ -183,6 +198,16 @@ def rl_step(policy: Backbone, reference: Backbone, reasoner: Reasoner, opt, batc
         "malformed": float(malformed.mean()), "clipped": float(terms.clipped_share),
         "grad_norm": float(grad_norm), "seconds": time.perf_counter() - t0,
     }
+
+
+@contextlib.contextmanager
+def _reference(policy: Backbone, reference: Backbone | None):
+    """The frozen reference: a separate copy, or (LoRA) the policy with its adapter off."""
+    if reference is not None:
+        yield reference
+    else:
+        with policy.model.disable_adapter():
+            yield policy
 
 
 def retrieval_reward(emb: torch.Tensor, targets: torch.Tensor, positive: torch.Tensor, kind: str,
