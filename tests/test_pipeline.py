@@ -84,3 +84,22 @@ def test_rerun_skips_and_force_redoes(quick_demo):
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert "[mmemb] gate ..." in forced.stdout and "[mmemb] rl: done already" in forced.stdout
     assert (out / ".stages" / "gate.json").read_text() != before
+
+
+def test_full_scale_recipe_has_the_same_keys_and_parses():
+    import yaml
+
+    tiny = yaml.safe_load((REPO / "configs" / "minimmeb.yaml").read_text())
+    full = yaml.safe_load((REPO / "configs" / "qwen3-vl-4b.yaml").read_text())
+    assert set(full) == set(tiny)
+    cfg = load_pipeline_config(REPO / "configs" / "qwen3-vl-4b.yaml")
+    assert cfg.eval_tasks == "mmeb-v2" and cfg.device == "cuda"
+    from mmemb.train.config import config_from_dict
+
+    for stage in ("warmup", "joint", "baseline"):  # every training stage is a valid trainer config
+        values = cfg.stage_train(stage)
+        values.update(model="m", output_dir="o", datasets=[{"path": "d"}])
+        assert config_from_dict(values).lora.enabled
+    from mmemb.train.teachers import parse_spec
+
+    assert all(parse_spec(t)[0] == "openai" for t in cfg.rationales["teachers"])

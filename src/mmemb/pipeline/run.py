@@ -61,7 +61,7 @@ def force(run: Run, stage: str) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig, until: str | None = None, only: str | None = None,
-                 forced: Sequence[str] = (), parallel_baseline: bool = True) -> Run:
+                 forced: Sequence[str] = ()) -> Run:
     run = Run(cfg)
     run.root.mkdir(parents=True, exist_ok=True)
     config_path = run.root / "pipeline.yaml"
@@ -79,7 +79,7 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None, only: str | None
             _wait_baseline(run, baseline)
             continue
         _run_stage(run, stage)
-        if stage == "pretrain" and parallel_baseline and "baseline" in stages and not is_done(run, "baseline"):
+        if stage == "pretrain" and cfg.parallel_baseline and "baseline" in stages and not is_done(run, "baseline"):
             baseline = _start_baseline(run, config_path)
     return run
 
