@@ -103,3 +103,13 @@ def test_full_scale_recipe_has_the_same_keys_and_parses():
     from mmemb.train.teachers import parse_spec
 
     assert all(parse_spec(t)[0] == "openai" for t in cfg.rationales["teachers"])
+
+
+def test_demo_table_over_runs(quick_demo):
+    out, _ = quick_demo
+    proc = subprocess.run([sys.executable, "-m", "mmemb.cli", "demo-table", str(out), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("| system |") and len([x for x in lines if x.startswith("| ")]) == 6
+    assert "± 0.0" in lines[2] and "over 2 seeds (1, 1)" in proc.stdout

@@ -489,14 +489,25 @@ def gate(
     typer.echo(json.dumps(metrics))
 
 
+@app.command("demo-table")
+def demo_table(runs: list[Path] = typer.Argument(..., help="Demo run folders (one per seed), each with report.json.")):
+    """The demo's results table over several runs: mean ± std per column (e.g. three seeds)."""
+    from .fileio import read_json
+    from .pipeline.report import seeds_table
+
+    typer.echo(seeds_table([read_json(r / "report.json") for r in runs]))
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def pipeline(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, help="Pipeline YAML (e.g. configs/minimmeb.yaml); defaults to the "
                                                      "MiniMMEB recipe. Extra key=value arguments override it."),
-    until: Optional[str] = typer.Option(None, help="Stop after this stage (e.g. joint)."),
+    until: Optional[str] = typer.Option(None, help="Stop after this stage (e.g. joint). Stages in order: data, backbone, "
+                                                   "pretrain_lm, pretrain, rationales, warmup, select, joint, blind, "
+                                                   "rl, gate, baseline, eval, report."),
     only: Optional[str] = typer.Option(None, help="Run just this stage (its inputs must exist)."),
-    force: list[str] = typer.Option([], help="Redo this stage and every later one (repeatable)."),
+    force: list[str] = typer.Option([], help="Redo this stage and every stage that depends on it (repeatable)."),
     out: Optional[str] = typer.Option(None, help="Run folder (overrides the config's out)."),
 ):
     """Run the method's stages (data, backbone, pretrain, rationales, warm-up, select, joint, RL, gate,
@@ -514,9 +525,10 @@ def pipeline(
 @app.command()
 def demo(
     seed: int = typer.Option(0, help="Seeds the benchmark, the models and every sample."),
-    quick: bool = typer.Option(False, "--quick", help="Every stage on a small slice (about 3 minutes)."),
+    quick: bool = typer.Option(False, "--quick", help="Every stage on a small slice (well under 3 minutes): checks "
+                                                      "the machinery, not the method."),
     out: Optional[str] = typer.Option(None, help="Run folder (default runs/demo, or runs/demo-quick with --quick)."),
-    force: list[str] = typer.Option([], help="Redo this stage and every later one (repeatable)."),
+    force: list[str] = typer.Option([], help="Redo this stage and every stage that depends on it (repeatable)."),
 ):
     """The whole method end to end on the embedded default (MiniMMEB + a tiny Qwen3-VL-class backbone):
     pretrain, warm-up, candidate rationales, counterfactual selection, joint training, GRPO, the plug-in
@@ -524,9 +536,15 @@ def demo(
     from .pipeline import load_pipeline_config, run_pipeline
 
     start = time.perf_counter()
+    from .fileio import read_json
+    from .pipeline.report import results_table
+
     cfg = load_pipeline_config(None, quick=quick, seed=seed, out=out or ("runs/demo-quick" if quick else "runs/demo"))
     run = run_pipeline(cfg, forced=force)
-    typer.echo(f"report: {run.root / 'report.md'} (this invocation: {time.perf_counter() - start:.0f}s)")
+    report = read_json(run.root / "report.json")
+    typer.echo(f"\nMiniMMEB test, seed {report['seed']} (the whole pipeline: {report['seconds'] / 60:.1f} min)\n")
+    typer.echo(results_table(report))
+    typer.echo(f"\nreport: {run.root / 'report.md'} (this invocation: {time.perf_counter() - start:.0f}s)")
 
 
 def main() -> None:

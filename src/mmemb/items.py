@@ -230,26 +230,25 @@ def load_image(src: ImageLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Im
 
 def load_visuals(item: Item, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[list[Image.Image], list[Image.Image] | None]:
     """Load an item's images and video frames, naming which one failed."""
-    images = []
-    for k, src in enumerate(item.images):
-        try:
-            images.append(load_image(src, max_pixels))
-        except ImageError as e:
-            raise ImageError(f"image {k}: {e}") from None
+    images = _load_each(item.images, "image", max_pixels)
     frames = None
     if item.video is not None:
         if not item.video:
             raise ImageError("video has no frames")
-        frames = []
-        for k, src in enumerate(item.video):
-            try:
-                frames.append(load_image(src, max_pixels))
-            except ImageError as e:
-                raise ImageError(f"video frame {k}: {e}") from None
-        if len({f.size for f in frames}) > 1:
-            size = frames[0].size
-            frames = [f if f.size == size else f.resize(size) for f in frames]
+        frames = _load_each(item.video, "video frame", max_pixels)
+        size = frames[0].size  # a video's frames share one size
+        frames = [f if f.size == size else f.resize(size) for f in frames]
     return images, frames
+
+
+def _load_each(sources: list[ImageLike], label: str, max_pixels: int) -> list[Image.Image]:
+    out = []
+    for k, src in enumerate(sources):
+        try:
+            out.append(load_image(src, max_pixels))
+        except ImageError as e:
+            raise ImageError(f"{label} {k}: {e}") from None
+    return out
 
 
 def image_to_data_url(image: Image.Image, fmt: str = "PNG") -> str:

@@ -119,7 +119,6 @@ def write_report(run: Run) -> dict[str, Any]:
 
     plot_deltas(run.root / "selection.jsonl", figures / "delta_by_type.png", run.cfg.select.get("margin", 0.0))
     atomic_write_text(run.root / "report.md", render_markdown(run, report))
-    print(results_table(report), flush=True)
     return report
 
 
@@ -229,3 +228,25 @@ def plot_tradeoff(report: dict, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def seeds_table(reports: list[dict[str, Any]]) -> str:
+    """The results table over several runs (seeds): mean ± std of each column."""
+    rows = []
+    for name in SYSTEMS:
+        cols = []
+        for r in reports:
+            s, kinds = r["systems"][name], r["tasks"]
+            base = r["systems"]["direct"]["seconds_per_query"] or 1e-9
+            cols.append([np.mean([s["hit1"][t] for t, k in kinds.items() if k == "easy"]) * 100,
+                         np.mean([s["hit1"][t] for t, k in kinds.items() if k == "compositional"]) * 100,
+                         s["hit1_overall"] * 100, np.mean(list(s["invocation"].values())) * 100,
+                         s["generated_tokens_per_query"], s["seconds_per_query"] / base])
+        a = np.array(cols)
+        cells = [f"{m:.1f} ± {d:.1f}" if i < 5 else f"{m:.2f} ± {d:.2f}"
+                 for i, (m, d) in enumerate(zip(a.mean(0), a.std(0)))]
+        rows.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
+    head = ["| system | Hit@1 easy | Hit@1 compositional | Hit@1 overall | invocation % | generated tokens / query "
+            "| encode time / direct |", "|---|---:|---:|---:|---:|---:|---:|"]
+    seeds = ", ".join(str(r["seed"]) for r in reports)
+    return "\n".join(head + rows) + f"\n\nmean ± std over {len(reports)} seeds ({seeds})"

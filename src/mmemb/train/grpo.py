@@ -251,32 +251,45 @@ def _tuple_state(state):
     return tuple(_tuple_state(s) if isinstance(s, list) else s for s in state)
 
 
-def plot_rl_log(log_path: Path, png: Path) -> None:
+def plot_rl_log(log_path: Path, png: Path, window: int = 8) -> None:
+    """Reward, KL, invocation per task and reasoning length per step, with moving averages
+    (each step draws its queries from one task, so raw curves jump from task to task)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     rows = list(iter_jsonl(log_path))
     if not rows:
         return
-    steps = [r["step"] for r in rows]
+    steps = np.array([r["step"] for r in rows])
+
+    def smooth(values):
+        v = np.asarray(values, dtype=float)
+        ok = ~np.isnan(v)
+        kernel = np.ones(window)
+        num = np.convolve(np.where(ok, v, 0.0), kernel, "same")
+        den = np.convolve(ok.astype(float), kernel, "same")
+        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    axes[0].plot(steps, [r["reward"] for r in rows], label="reward")
-    axes[0].plot(steps, [r["retrieval_reward"] for r in rows], label="retrieval part")
-    axes[0].set_title("mean reward")
-    axes[0].legend()
-    axes[1].plot(steps, [r["kl"] for r in rows])
-    axes[1].set_title("KL to reference")
-    axes[2].plot(steps, [r["invocation"] for r in rows], label="all", color="black", linewidth=2)
+    for ax, key, title in ((axes[0], "reward", "mean reward"), (axes[1], "kl", "KL to reference")):
+        v = [r[key] for r in rows]
+        ax.plot(steps, v, color="gray", alpha=0.35, linewidth=1)
+        ax.plot(steps, smooth(v), linewidth=2, label=f"moving average ({window} steps)")
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
     for task in sorted({t for r in rows for t in r["invocation_per_task"]}):
         pts = [(r["step"], r["invocation_per_task"][task]) for r in rows if task in r["invocation_per_task"]]
-        axes[2].plot(*zip(*pts), label=task, alpha=0.7)
-    axes[2].set_title("invocation ratio")
+        axes[2].plot(*zip(*pts), "-o", markersize=2, label=task, alpha=0.8)
+    axes[2].set_title("invocation ratio per task (steps on that task)")
     axes[2].set_ylim(-0.05, 1.05)
     axes[2].legend(fontsize=6)
-    axes[3].plot(steps, [r["reasoning_tokens"] for r in rows])
-    axes[3].set_title("reasoning tokens (when reasoning)")
+    tokens = [r["reasoning_tokens"] if r["invocation"] > 0 else np.nan for r in rows]
+    axes[3].plot(steps, tokens, "o", color="gray", markersize=2, alpha=0.5)
+    axes[3].plot(steps, smooth(tokens), linewidth=2)
+    axes[3].set_title("reasoning tokens (completions that reasoned)")
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()
