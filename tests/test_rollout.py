@@ -35,3 +35,19 @@ def test_rollouts_match_teacher_forcing(embedders, mixed_items):
     decision = torch.where(ro.think, p, 1 - p).log()
     torch.testing.assert_close(logp[:, 0], decision, atol=1e-5, rtol=0)
     assert (logp[mask.bool()] <= 0).all()
+
+
+def test_greedy_rationales_leave_only_the_decision_to_the_policy(embedders, mixed_items):
+    e = embedders["qwen3_vl"]
+    bb = e.backbone
+    items = mixed_items[:2]
+    ro = sample_groups(bb, Reasoner(bb), items, 4, SamplingConfig(max_tokens=4, temperature=0.0),
+                       torch.Generator().manual_seed(1))
+    think = [i for i in range(8) if ro.think[i]]
+    assert len({tuple(ro.rationale_ids[i]) for i in think if ro.owners[i] == ro.owners[think[0]]}) == 1
+    batch = build_forced_batch(bb, [render_prompt(bb.processor, items[o]) for o in ro.owners.tolist()],
+                               [load_visuals(items[o]) for o in ro.owners.tolist()], ro.rationale_ids)
+    with torch.no_grad():
+        out = forced_forward(bb, bb, batch)
+    logp, mask = completion_logprobs(out, ro, decision_only=True)
+    assert logp.shape == (8, 1) and mask.sum() == 8

@@ -56,7 +56,7 @@ class PipelineConfig:
         "log_every": 10, "keep_checkpoints": 1,
     })
     pretrain_lm: dict[str, Any] = field(default_factory=lambda: {
-        "max_steps": 900, "batch_size": 64, "lr": 2.0e-3, "warmup_steps": 50, "one_dataset_per_batch": False,
+        "max_steps": 1200, "batch_size": 64, "lr": 2.0e-3, "warmup_steps": 50, "one_dataset_per_batch": False,
         "hard_negatives": 0, "loss": _lm_only()})
     pretrain: dict[str, Any] = field(default_factory=lambda: {
         "max_steps": 600, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 0.0}})

@@ -56,9 +56,11 @@ class RLConfig:
     epsilon: float = 0.2
     beta: float = 0.04
     # Rationale tokens are sampled (and their log-probs taken) at this temperature; the decision at 1.
-    # A small model's rationales sampled at 1.0 are mostly wrong, which makes reasoning look worse
-    # than the greedy reasoning it will do at inference.
-    temperature: float = 0.5
+    # 0 (the default): rationales are decoded greedily, as inference does, so a group contrasts
+    # reasoning and not reasoning exactly as they will play out (the reasoning-utility gap, online),
+    # and the policy gradient moves the decision only. Sampled rationales of a small model are
+    # often wrong, which made reasoning look worse than the greedy reasoning inference does.
+    temperature: float = 0.0
     max_reasoning_tokens: int = 64
     reward: str = "mrr"  # mrr (reciprocal rank of the positive) | logprob (log p of the positive)
     reward_temperature: float = 0.02  # for the logprob reward and the direct NCE term
@@ -162,11 +164,12 @@ def rl_step(policy: Backbone, reference: Backbone | None, reasoner: Reasoner, op
     visuals = [load_visuals(q) for q in queries]
     forced = build_forced_batch(policy, [prompts[o] for o in owners], [visuals[o] for o in owners], ro.rationale_ids)
     banned = reasoner.banned
-    out = forced_forward(policy, policy, forced, banned=banned, temperature=cfg.temperature)
-    logp, mask = completion_logprobs(out, ro)
+    greedy = not cfg.temperature
+    out = forced_forward(policy, policy, forced, banned=banned, temperature=cfg.temperature or 1.0)
+    logp, mask = completion_logprobs(out, ro, decision_only=greedy)
     with torch.no_grad(), _reference(policy, reference) as ref:
-        ref_out = forced_forward(ref, ref, forced, banned=banned, temperature=cfg.temperature)
-        ref_logp, _ = completion_logprobs(ref_out, ro)
+        ref_out = forced_forward(ref, ref, forced, banned=banned, temperature=cfg.temperature or 1.0)
+        ref_logp, _ = completion_logprobs(ref_out, ro, decision_only=greedy)
     terms = grpo_loss(logp, logp.detach(), ref_logp, mask, adv, cfg.epsilon, cfg.beta)
     loss = terms.loss
     nce = torch.zeros(())
@@ -265,13 +268,14 @@ def plot_rl_log(log_path: Path, png: Path, window: int = 8) -> None:
         return
     steps = np.array([r["step"] for r in rows])
 
-    def smooth(values):
+    def smooth(values):  # centred moving average that skips missing points
         v = np.asarray(values, dtype=float)
-        ok = ~np.isnan(v)
-        kernel = np.ones(window)
-        num = np.convolve(np.where(ok, v, 0.0), kernel, "same")
-        den = np.convolve(ok.astype(float), kernel, "same")
-        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+        out = np.full_like(v, np.nan)
+        for i in range(len(v)):
+            w = v[max(0, i - window // 2): i + window // 2 + 1]
+            if (~np.isnan(w)).any():
+                out[i] = np.nanmean(w)
+        return out
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for ax, key, title in ((axes[0], "reward", "mean reward"), (axes[1], "kl", "KL to reference")):

@@ -52,16 +52,20 @@ def sample_groups(backbone: Backbone, reasoner: Reasoner, items: Sequence[Item],
     return Rollouts(owners.cpu(), think.cpu(), rationale_ids, closed, emb.cpu(), p.cpu())
 
 
-def completion_logprobs(out: ForcedOutput, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logprobs(out: ForcedOutput, rollouts: Rollouts, decision_only: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each completion's policy choices, padded (N, T), with a mask.
 
     Token 0 is the decision (over {<think>, <emb>}); then the rationale tokens and </think>,
-    except a </think> the budget forced (not the policy's choice).
+    except a </think> the budget forced (not the policy's choice). ``decision_only``: the
+    rationale was decoded greedily (not sampled), so only the decision is a policy choice.
     """
     n = rollouts.think.numel()
     device = out.target_logprobs.device
     decision = out.decision_logprob(rollouts.think.to(device))
     per_row: list[list[torch.Tensor]] = [[decision[i]] for i in range(n)]
+    if decision_only:
+        return decision.view(-1, 1), torch.ones(n, 1, device=device)
     for lp, row in zip(out.target_logprobs, out.target_row.tolist()):
         per_row[row].append(lp)
     for i in range(n):
