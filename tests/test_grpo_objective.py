@@ -59,3 +59,11 @@ def test_reciprocal_rank_reward():
     assert retrieval_reward(emb, targets, positive, "mrr", 0.02).tolist() == [0.5, pytest.approx(1 / 3)]
     lp = retrieval_reward(emb, targets, positive, "logprob", 1.0)
     assert lp[0].item() == pytest.approx(torch.log_softmax(targets @ emb[0], 0)[1].item())
+
+
+def test_unscaled_advantages_keep_the_gap():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.9, 1.0, 1.0, 1.0, 0.1])
+    scaled = group_advantages(rewards, 4)
+    unscaled = group_advantages(rewards, 4, scale=False)
+    assert scaled[3].item() == pytest.approx(scaled[7].item(), rel=1e-2)  # the std makes both pushes equal
+    assert unscaled[3].item() == pytest.approx(-0.075) and unscaled[7].item() == pytest.approx(-0.675)

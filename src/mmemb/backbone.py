@@ -23,7 +23,8 @@ from .prompts import EMB, END_THINK, THINK
 
 # Inputs the processor produces that the model consumes.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
-                    "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+                    "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "mm_encoder_outputs")
+PIXEL_KEYS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
 
 
 class BackboneNotFound(RuntimeError):
@@ -141,6 +142,29 @@ class Backbone(nn.Module):
             v = v.to(device)
             out[k] = v.to(dtype) if v.is_floating_point() else v
         return out
+
+    def encode_visuals(self, inputs: dict[str, torch.Tensor]) -> dict[str, object]:
+        """Run the vision tower once; the outputs go to the model as ``mm_encoder_outputs`` (and to
+        a gate) in place of the pixels, which are removed from ``inputs``."""
+        core, out = self.core, {}
+        for kind, (pixels, grid) in PIXEL_KEYS.items():
+            if inputs.get(pixels) is not None:
+                getter = core.get_image_features if kind == "image" else core.get_video_features
+                out[kind] = getter(inputs.pop(pixels), inputs[grid], return_dict=True)
+        if out:
+            inputs["mm_encoder_outputs"] = out
+        return out
+
+    def layer0_embeddings(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the first decoder layer reads: token embeddings, vision features in place of their
+        placeholder tokens (``inputs`` must hold ``mm_encoder_outputs``, see :meth:`encode_visuals`)."""
+        ids = inputs["input_ids"]
+        embeds = self.core.get_input_embeddings()(ids)
+        for kind, encoded in inputs.get("mm_encoder_outputs", {}).items():
+            feats = torch.cat(list(encoded.pooler_output), dim=0).to(embeds.dtype)
+            token = self.config.image_token_id if kind == "image" else self.config.video_token_id
+            embeds = embeds.masked_scatter((ids == token).unsqueeze(-1), feats)
+        return embeds
 
     @torch.no_grad()
     def rope_positions(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -188,12 +188,15 @@ class Embedder:
         prompts = [b[1] for b in batch]
         visuals = [b[2] for b in batch]
         gate_p = None
+        inputs = bb.prepare([p + (THINK if mode == "reason" else EMB) for p in prompts], visuals)
         if mode == "auto" and self.gate is not None:
-            gate_p = self.gate.p_think(prompts, visuals, bb)
-            suffix = [THINK if p >= threshold else EMB for p in gate_p]
-        else:
-            suffix = [THINK if mode == "reason" else EMB] * len(batch)
-        inputs = bb.prepare([p + s for p, s in zip(prompts, suffix)], visuals)
+            # The gate decides before the prefill. It reads the prompts' layer-0 inputs (the last token
+            # is the placeholder for the decision), sharing the one vision pass with the prefill.
+            bb.encode_visuals(inputs)
+            gate_p = self.gate.p_think_features(bb.layer0_embeddings(inputs)[:, :-1].float(),
+                                                inputs["attention_mask"][:, :-1])
+            chosen = [bb.ids.think if p >= threshold else bb.ids.emb for p in gate_p]
+            inputs["input_ids"][:, -1] = torch.tensor(chosen, device=bb.device)
         positions, next_pos = bb.rope_positions(inputs)
         B, L = inputs["input_ids"].shape
         rows = torch.arange(B, device=bb.device)

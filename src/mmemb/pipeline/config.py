@@ -68,7 +68,7 @@ class PipelineConfig:
         "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 0.0}})
     select: dict[str, Any] = field(default_factory=lambda: {"margin": 0.5, "sampled_negatives": 16})
     joint: dict[str, Any] = field(default_factory=lambda: {
-        "max_steps": 400, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 1.0}})
+        "max_steps": 600, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 1.0}})
     # The "blind reasoning" ablation: joint training on all candidates, no selection (off in the demo).
     blind: dict[str, Any] = field(default_factory=lambda: {
         "enabled": False, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 0.0}})

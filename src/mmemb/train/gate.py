@@ -62,8 +62,12 @@ class ReasoningGate(nn.Module):
 
     @torch.no_grad()
     def p_think(self, prompts: Sequence[str], visuals: Sequence[tuple], backbone: Backbone) -> list[float]:
-        self.eval()
         features, mask = gate_features(backbone, prompts, visuals)
+        return self.p_think_features(features, mask)
+
+    @torch.no_grad()
+    def p_think_features(self, features: torch.Tensor, mask: torch.Tensor) -> list[float]:
+        self.eval()
         return torch.sigmoid(self(features.to(self.proj.weight.dtype), mask)).cpu().tolist()
 
     def save(self, path: str | Path) -> None:
@@ -83,18 +87,8 @@ def load_gate(path: str | Path) -> ReasoningGate:
 def gate_features(backbone: Backbone, prompts: Sequence[str], visuals: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's layer-0 inputs for the prompts: token embeddings, image features in place."""
     inputs = backbone.prepare(list(prompts), list(visuals))
-    core = backbone.core
-    embeds = core.get_input_embeddings()(inputs["input_ids"])
-    for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
-        if inputs.get(pixels) is None:
-            continue
-        getter = core.get_image_features if kind == "image" else core.get_video_features
-        feats = getter(inputs[pixels], inputs[grid])
-        feats = torch.cat(list(feats.pooler_output if hasattr(feats, "pooler_output") else feats), dim=0)
-        token = backbone.config.image_token_id if kind == "image" else backbone.config.video_token_id
-        where = (inputs["input_ids"] == token).unsqueeze(-1)
-        embeds = embeds.masked_scatter(where, feats.to(embeds.dtype))
-    return embeds.float(), inputs["attention_mask"]
+    backbone.encode_visuals(inputs)
+    return backbone.layer0_embeddings(inputs).float(), inputs["attention_mask"]
 
 
 @dataclass

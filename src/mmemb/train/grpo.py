@@ -55,6 +55,11 @@ class RLConfig:
     lr: float = 2e-4
     epsilon: float = 0.2
     beta: float = 0.04
+    # Advantages centred per group but not divided by the group's std (Dr. GRPO, TRL's
+    # scale_rewards="none"). With the std, a group where reasoning is only slightly worse (its token
+    # cost) pushes "don't reason" as hard as one where it is much worse; on MiniMMEB the many such
+    # easy-task groups dragged p(<think>) down on the compositional tasks too (shared weights).
+    scale_advantages: bool = False
     # Rationale tokens are sampled (and their log-probs taken) at this temperature; the decision at 1.
     # 0 (the default): rationales are decoded greedily, as inference does, so a group contrasts
     # reasoning and not reasoning exactly as they will play out (the reasoning-utility gap, online),
@@ -157,7 +162,7 @@ def rl_step(policy: Backbone, reference: Backbone | None, reasoner: Reasoner, op
     cost = cfg.cost * ro.reasoning_tokens / max(1, cfg.max_reasoning_tokens)
     malformed = (~ro.closed).float()
     rewards = retrieval - cost - cfg.malformed_penalty * malformed
-    adv = group_advantages(rewards, cfg.group_size)
+    adv = group_advantages(rewards, cfg.group_size, scale=cfg.scale_advantages)
 
     owners = ro.owners.tolist()
     prompts = [render_prompt(policy.processor, q) for q in queries]

@@ -3,6 +3,7 @@
 For completion i of group g with reward r_i:
 
     A_i   = (r_i - mean_g r) / (std_g r + eps_std)                       group-normalised advantage
+            (or r_i - mean_g r with ``scale=False``, as Dr. GRPO / TRL's scale_rewards="none")
     rho_t = exp(logp_t - logp_old_t)                                    importance ratio per token
     L_t   = -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) + beta * KL_t
     KL_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                   k3 estimator, >= 0
@@ -18,12 +19,18 @@ from dataclasses import dataclass
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps_std: float = 1e-4) -> torch.Tensor:
-    """rewards (N,) with N = groups * group_size, groups contiguous."""
+def group_advantages(rewards: torch.Tensor, group_size: int, eps_std: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """rewards (N,) with N = groups * group_size, groups contiguous.
+
+    Dividing by the group's std makes every group's push the same size however small its reward
+    gap; ``scale=False`` keeps the push proportional to the gap.
+    """
     r = rewards.view(-1, group_size)
-    mean = r.mean(dim=1, keepdim=True)
-    std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
-    return ((r - mean) / (std + eps_std)).flatten()
+    centred = r - r.mean(dim=1, keepdim=True)
+    if not scale:
+        return centred.flatten()
+    std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
+    return (centred / (std + eps_std)).flatten()
 
 
 @dataclass
