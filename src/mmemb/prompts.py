@@ -42,16 +42,3 @@ def chat_messages(item: Item, num_images: int | None = None, has_video: bool | N
 def render_prompt(processor: Any, item: Item) -> str:
     """The chat text up to (and including) the start of the assistant turn."""
     return processor.apply_chat_template(chat_messages(item), tokenize=False, add_generation_prompt=True)
-
-
-def assistant_text(mode: str, rationale: str | None = None) -> str:
-    """The assistant turn after the prompt: ``<emb>``, ``<think>``, or a full teacher-forced path."""
-    if mode == "direct":
-        return EMB
-    if mode == "think":
-        return THINK
-    if mode == "reason":
-        if rationale is None:
-            raise ValueError("reason mode with a fixed path needs a rationale")
-        return f"{THINK}{rationale.strip()}{END_THINK}{EMB}"
-    raise ValueError(f"unknown assistant mode {mode!r}")

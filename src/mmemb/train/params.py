@@ -52,10 +52,6 @@ def apply_lora(backbone: Backbone, cfg: TrainConfig) -> None:
     backbone.model.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.exists() else cfg.model
 
 
-def trainable_parameters(module) -> list:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
 def parameter_summary(module) -> str:
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
