@@ -112,6 +112,9 @@ class FixedGate:
     def p_think(self, prompts, visuals, backbone):
         return [self.p] * len(prompts)
 
+    def p_think_features(self, features, mask):
+        return [self.p] * len(features)
+
 
 def test_plug_in_gate_decides_in_auto_mode(embedder, tmp_path, monkeypatch):
     root = write_minimmeb(tmp_path / "mini", n_queries=3, n_cands=3)
