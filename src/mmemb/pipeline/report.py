@@ -169,47 +169,43 @@ def _plt():
     return plt
 
 
+def _grouped_bars(series: dict[str, list[float]], groups: list[str], ylabel: str, title: str, png: Path,
+                  ymax: float = 1.0) -> None:
+    """One bar per series within each group; series keyed by legend label."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(series)
+    for i, (label, vals) in enumerate(series.items()):
+        ax.bar(np.arange(len(groups)) + i * width, vals, width, label=label)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(series) - 1) / 2)
+    multiline = any("\n" in g for g in groups)
+    ax.set_xticklabels(groups, fontsize=7 if multiline else None)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, ymax)
+    # Below the axes, so no bar is hidden behind it.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2 if multiline else -0.1),
+              ncol=len(series), frameon=False)
+    ax.set_title(title)
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_hit1_by_meta_task(run: Run, report: dict, png: Path) -> None:
     from ..data.minimmeb import manifest
 
     meta = {t: v["meta_task"] for t, v in manifest(run.benchmark)["tasks"].items()}
     groups = sorted(set(meta.values()))
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    width = 0.8 / len(SYSTEMS)
-    for i, name in enumerate(SYSTEMS):
-        hits = report["systems"][name]["hit1"]
-        vals = [np.mean([hits[t] for t in meta if meta[t] == g]) for g in groups]
-        ax.bar(np.arange(len(groups)) + i * width, vals, width, label=LABELS[name])
-    ax.set_xticks(np.arange(len(groups)) + width * (len(SYSTEMS) - 1) / 2)
-    ax.set_xticklabels(groups)
-    ax.set_ylabel("Hit@1")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    ax.set_title("MiniMMEB test: Hit@1 per meta-task")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    series = {LABELS[name]: [np.mean([report["systems"][name]["hit1"][t] for t in meta if meta[t] == g])
+                             for g in groups] for name in SYSTEMS}
+    _grouped_bars(series, groups, "Hit@1", "MiniMMEB test: Hit@1 per meta-task", png)
 
 
 def plot_invocation(report: dict, png: Path) -> None:
     tasks = list(report["tasks"])
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    names = [n for n in SYSTEMS if n != "direct"]
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        inv = report["systems"][name]["invocation"]
-        ax.bar(np.arange(len(tasks)) + i * width, [inv[t] for t in tasks], width, label=LABELS[name])
-    ax.set_xticks(np.arange(len(tasks)) + width * (len(names) - 1) / 2)
-    ax.set_xticklabels([f"{t}\n({report['tasks'][t]})" for t in tasks], fontsize=7)
-    ax.set_ylabel("share of queries that reason")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7)
-    ax.set_title("Invocation ratio per task")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    series = {LABELS[name]: [report["systems"][name]["invocation"][t] for t in tasks]
+              for name in SYSTEMS if name != "direct"}
+    _grouped_bars(series, [f"{t}\n({report['tasks'][t]})" for t in tasks], "share of queries that reason",
+                  "Invocation ratio per task", png, ymax=1.05)
 
 
 def plot_tradeoff(report: dict, png: Path) -> None:
