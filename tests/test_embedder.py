@@ -11,6 +11,7 @@ from mmemb.items import load_visuals
 from mmemb.prompts import render_prompt
 
 from .conftest import ARCHES
+from .embed_checks import assert_auto_matches_own_modes
 
 
 def full_forward_embedding(embedder: Embedder, item: Item, suffix_ids: list[int]) -> np.ndarray:
@@ -131,11 +132,7 @@ def test_auto_mixes_decisions_in_one_batch(embedders, mixed_items):
     thr = float(np.median(p)) + 1e-7
     auto = e.encode(mixed_items, mode="auto", think_threshold=thr, max_reasoning_tokens=8)
     assert 0 < auto.reasoned.sum() < len(mixed_items)
-    reason = e.encode(mixed_items, mode="reason", max_reasoning_tokens=8)
-    direct = e.encode(mixed_items, mode="direct")
-    for i in range(len(mixed_items)):
-        ref = reason if auto.reasoned[i] else direct
-        assert np.abs(auto.embeddings[i] - ref.embeddings[i]).max() <= 1e-4
+    assert_auto_matches_own_modes(e, mixed_items, auto, max_reasoning_tokens=8)
 
 
 def test_reasoning_depth_budget(embedders, mixed_items):

@@ -11,6 +11,8 @@ from mmemb.items import load_visuals
 from mmemb.prompts import render_prompt
 from mmemb.train.gate import GateTrainConfig, gate_features, load_gate, train_gate
 
+from .embed_checks import assert_auto_matches_own_modes
+
 
 def _labelled(minimmeb_small):
     pairs = [p for p in read_pairs(minimmeb_small) if p.dataset in ("DigitSum", "DigitClass", "DigitCaption-T2I")]
@@ -37,12 +39,7 @@ def test_gate_learns_labels_and_plugs_into_encode(embedders, minimmeb_small, tmp
     p = np.array(again.p_think(prompts, visuals, e.backbone))
     assert (out.reasoned == (p >= 0.5)).all()
     np.testing.assert_allclose(out.p_think, p, atol=1e-6)
-    # a gated item's vector equals the model's own reason / direct vector
-    reason = e.encode(queries, mode="reason", max_reasoning_tokens=4)
-    direct = e.encode(queries, mode="direct")
-    for i in range(len(queries)):
-        ref = reason if out.reasoned[i] else direct
-        assert np.abs(out.embeddings[i] - ref.embeddings[i]).max() <= 1e-4
+    assert_auto_matches_own_modes(e, queries, out, max_reasoning_tokens=4)
 
 
 def test_gate_features_put_image_features_in_place(embedders, mixed_items):
