@@ -113,3 +113,22 @@ def test_demo_table_over_runs(quick_demo):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("| system |") and len([x for x in lines if x.startswith("| ")]) == 1 + 4  # header, 4 systems
     assert "± 0.0" in lines[2] and "over 2 seeds (1, 1)" in proc.stdout
+
+
+def test_blind_ablation_adds_its_rows(quick_demo, tmp_path):
+    """`blind.enabled=true --force blind` on a finished run: the blind model is trained, both models are
+    evaluated in both modes, and the report gains the ablation table."""
+    import shutil
+
+    out, _ = quick_demo
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    proc = subprocess.run([sys.executable, "-m", "mmemb.cli", "pipeline", "--config", str(run / "pipeline.yaml"),
+                           "--out", str(run), "blind.enabled=true", "--force", "blind"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run / "blind" / "model" / "config.json").is_file()
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["ablation"]) == {"joint_reason", "joint_direct", "blind_reason", "blind_direct"}
+    assert all(set(a["hit1"]) == set(report["tasks"]) for a in report["ablation"].values())
+    assert "## Ablation: counterfactual selection against blind reasoning" in (run / "report.md").read_text()

@@ -21,6 +21,12 @@ from .stages import Run, task_kinds
 SYSTEMS = ("direct", "always", "adaptive", "gate")
 LABELS = {"direct": "direct-only model (same training budget)", "always": "always reason",
           "adaptive": "adaptive (RL policy)", "gate": "adaptive (gate)"}
+# The selection ablation (pipeline `blind.enabled=true`): the joint model against one trained on
+# all candidate rationales, each in both modes, before RL.
+ABLATIONS = {"joint_reason": "joint, selected rationales: reason mode",
+             "joint_direct": "joint, selected rationales: direct mode",
+             "blind_reason": "blind, all rationales: reason mode",
+             "blind_direct": "blind, all rationales: direct mode"}
 
 
 def build_report(run: Run) -> dict[str, Any]:
@@ -37,6 +43,11 @@ def build_report(run: Run) -> dict[str, Any]:
             "generated_tokens_per_query": s["overall"]["generated_tokens_per_query"],
             "seconds_per_query": s["overall"]["seconds_per_query"],
         }
+    ablations = {name: read_json(run.root / "eval" / name / "summary.json") for name in ABLATIONS
+                 if (run.root / "eval" / name / "summary.json").is_file()}
+    if ablations:
+        report["ablation"] = {name: {"hit1": {t: s["tasks"][t]["main"] for t in kinds},
+                                     "hit1_overall": s["overall"]["main"]} for name, s in ablations.items()}
     report["sweep"] = threshold_sweep(run, run.cfg.eval.get("sweep", []))
     gate_metrics = run.root / "gate_metrics.json"
     if gate_metrics.is_file():
@@ -87,18 +98,20 @@ def threshold_sweep(run: Run, thresholds: list[float]) -> list[dict[str, float]]
     return points
 
 
+def _mean_of_kind(system: dict[str, Any], kinds: dict[str, str], kind: str) -> float:
+    return float(np.mean([system["hit1"][t] for t, k in kinds.items() if k == kind]))
+
+
 def results_table(report: dict[str, Any]) -> str:
     kinds = report["tasks"]
-    easy = [t for t, k in kinds.items() if k == "easy"]
-    comp = [t for t, k in kinds.items() if k == "compositional"]
     base = report["systems"]["direct"]["seconds_per_query"] or 1e-9
     lines = ["| system | Hit@1 easy | Hit@1 compositional | Hit@1 overall | invocation | generated tokens / query "
              "| encode time / direct |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in SYSTEMS:
         s = report["systems"][name]
         inv = np.mean(list(s["invocation"].values()))
-        lines.append(f"| {LABELS[name]} | {_pct(np.mean([s['hit1'][t] for t in easy]))} "
-                     f"| {_pct(np.mean([s['hit1'][t] for t in comp]))} | {_pct(s['hit1_overall'])} | {_pct(inv)} "
+        lines.append(f"| {LABELS[name]} | {_pct(_mean_of_kind(s, kinds, 'easy'))} "
+                     f"| {_pct(_mean_of_kind(s, kinds, 'compositional'))} | {_pct(s['hit1_overall'])} | {_pct(inv)} "
                      f"| {s['generated_tokens_per_query']:.1f} | {s['seconds_per_query'] / base:.2f} |")
     return "\n".join(lines)
 
@@ -142,6 +155,12 @@ def render_markdown(run: Run, report: dict[str, Any]) -> str:
     lines.append("|---|" + "---:|" * len(types))
     for kind, shares in report["selection"]["kept"].items():
         lines.append(f"| {kind} | " + " | ".join(_pct(shares.get(ty, float("nan"))) for ty in types) + " |")
+    if "ablation" in report:
+        lines += ["", "## Ablation: counterfactual selection against blind reasoning (before RL)", "",
+                  "| model and mode | Hit@1 easy | Hit@1 compositional | Hit@1 overall |", "|---|---:|---:|---:|"]
+        for name, s in report["ablation"].items():
+            lines.append(f"| {ABLATIONS[name]} | {_pct(_mean_of_kind(s, kinds, 'easy'))} "
+                         f"| {_pct(_mean_of_kind(s, kinds, 'compositional'))} | {_pct(s['hit1_overall'])} |")
     lines += ["", "## Threshold sweep (the final model's own decision)", "",
               "| threshold | Hit@1 overall | invocation | generated tokens / query |", "|---:|---:|---:|---:|"]
     for p in report["sweep"]:
@@ -234,8 +253,7 @@ def seeds_table(reports: list[dict[str, Any]]) -> str:
         for r in reports:
             s, kinds = r["systems"][name], r["tasks"]
             base = r["systems"]["direct"]["seconds_per_query"] or 1e-9
-            cols.append([np.mean([s["hit1"][t] for t, k in kinds.items() if k == "easy"]) * 100,
-                         np.mean([s["hit1"][t] for t, k in kinds.items() if k == "compositional"]) * 100,
+            cols.append([_mean_of_kind(s, kinds, "easy") * 100, _mean_of_kind(s, kinds, "compositional") * 100,
                          s["hit1_overall"] * 100, np.mean(list(s["invocation"].values())) * 100,
                          s["generated_tokens_per_query"], s["seconds_per_query"] / base])
         a = np.array(cols)
