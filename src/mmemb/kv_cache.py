@@ -23,8 +23,14 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self._k is None:
+            # The prefill: keep its tensors as they are. Rows that never decode (an auto-mode
+            # batch that decides not to think) then cost no copy; the first append grows the buffer.
+            self._k, self._v, self._n = key_states, value_states, key_states.shape[-2]
+            self._views()
+            return self.keys, self.values
         need = self._n + key_states.shape[-2]
-        if self._k is None or need > self._k.shape[-2]:
+        if need > self._k.shape[-2]:
             self._grow(key_states, value_states, need)
         self._k[..., self._n:need, :] = key_states
         self._v[..., self._n:need, :] = value_states
