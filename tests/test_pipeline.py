@@ -131,4 +131,10 @@ def test_blind_ablation_adds_its_rows(quick_demo, tmp_path):
     report = json.loads((run / "report.json").read_text())
     assert set(report["ablation"]) == {"joint_reason", "joint_direct", "blind_reason", "blind_direct"}
     assert all(set(a["hit1"]) == set(report["tasks"]) for a in report["ablation"].values())
-    assert "## Ablation: counterfactual selection against blind reasoning" in (run / "report.md").read_text()
+    md = (run / "report.md").read_text()
+    assert "## Ablation: counterfactual selection against blind reasoning" in md
+    routed = [x for x in md.splitlines() if "routed by task kind" in x]
+    assert len(routed) == 2  # joint and blind, each reasoning on compositional tasks only
+    table = subprocess.run([sys.executable, "-m", "mmemb.cli", "demo-table", str(run), str(run)],
+                           capture_output=True, text=True, timeout=120).stdout
+    assert "Ablation, before RL:" in table and table.count("± 0.0 |") >= 6 * 3

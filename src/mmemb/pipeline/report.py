@@ -102,6 +102,24 @@ def _mean_of_kind(system: dict[str, Any], kinds: dict[str, str], kind: str) -> f
     return float(np.mean([system["hit1"][t] for t, k in kinds.items() if k == kind]))
 
 
+def ablation_rows(report: dict[str, Any]) -> list[tuple[str, float, float, float]]:
+    """(label, Hit@1 easy, compositional, overall) of each ablation system, then of each model routed
+    by task kind (reason on compositional tasks, direct on easy ones: the best a decision could do)."""
+    kinds, ab = report["tasks"], report["ablation"]
+    rows = [(ABLATIONS[n], _mean_of_kind(s, kinds, "easy"), _mean_of_kind(s, kinds, "compositional"),
+             s["hit1_overall"]) for n, s in ab.items()]
+    for model, label in (("joint", "joint, selected rationales"), ("blind", "blind, all rationales")):
+        if f"{model}_reason" in ab and f"{model}_direct" in ab:
+            hit = {t: ab[f"{model}_reason" if k == "compositional" else f"{model}_direct"]["hit1"][t]
+                   for t, k in kinds.items()}
+            rows.append((f"{label}: routed by task kind", _mean_of_kind({"hit1": hit}, kinds, "easy"),
+                         _mean_of_kind({"hit1": hit}, kinds, "compositional"), float(np.mean(list(hit.values())))))
+    return rows
+
+
+ABLATION_HEAD = ["| model and mode | Hit@1 easy | Hit@1 compositional | Hit@1 overall |", "|---|---:|---:|---:|"]
+
+
 def results_table(report: dict[str, Any]) -> str:
     kinds = report["tasks"]
     base = report["systems"]["direct"]["seconds_per_query"] or 1e-9
@@ -156,11 +174,9 @@ def render_markdown(run: Run, report: dict[str, Any]) -> str:
     for kind, shares in report["selection"]["kept"].items():
         lines.append(f"| {kind} | " + " | ".join(_pct(shares.get(ty, float("nan"))) for ty in types) + " |")
     if "ablation" in report:
-        lines += ["", "## Ablation: counterfactual selection against blind reasoning (before RL)", "",
-                  "| model and mode | Hit@1 easy | Hit@1 compositional | Hit@1 overall |", "|---|---:|---:|---:|"]
-        for name, s in report["ablation"].items():
-            lines.append(f"| {ABLATIONS[name]} | {_pct(_mean_of_kind(s, kinds, 'easy'))} "
-                         f"| {_pct(_mean_of_kind(s, kinds, 'compositional'))} | {_pct(s['hit1_overall'])} |")
+        lines += ["", "## Ablation: counterfactual selection against blind reasoning (before RL)", ""]
+        lines += ABLATION_HEAD + [f"| {label} | " + " | ".join(_pct(x) for x in vals) + " |"
+                                  for label, *vals in ablation_rows(report)]
     lines += ["", "## Threshold sweep (the final model's own decision)", "",
               "| threshold | Hit@1 overall | invocation | generated tokens / query |", "|---:|---:|---:|---:|"]
     for p in report["sweep"]:
@@ -263,4 +279,12 @@ def seeds_table(reports: list[dict[str, Any]]) -> str:
     head = ["| system | Hit@1 easy | Hit@1 compositional | Hit@1 overall | invocation % | generated tokens / query "
             "| encode time / direct |", "|---|---:|---:|---:|---:|---:|---:|"]
     seeds = ", ".join(str(r["seed"]) for r in reports)
-    return "\n".join(head + rows) + f"\n\nmean ± std over {len(reports)} seeds ({seeds})"
+    text = "\n".join(head + rows) + f"\n\nmean ± std over {len(reports)} seeds ({seeds})"
+    if all("ablation" in r for r in reports):  # runs made with the blind stage
+        per_run = [ablation_rows(r) for r in reports]
+        lines = []
+        for i, (label, *_) in enumerate(per_run[0]):
+            a = np.array([run[i][1:] for run in per_run]) * 100
+            lines.append(f"| {label} | " + " | ".join(f"{m:.1f} ± {d:.1f}" for m, d in zip(a.mean(0), a.std(0))) + " |")
+        text += "\n\nAblation, before RL:\n\n" + "\n".join(ABLATION_HEAD + lines)
+    return text
