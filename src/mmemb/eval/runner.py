@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..data.loaders import load_task
 from ..data.mmeb import TaskInfo, resolve_tasks
 from ..embedder import MODES, Embedder
-from ..fileio import atomic_write_bytes, fingerprint, read_json, write_json, write_jsonl
+from ..fileio import atomic_write_bytes, atomic_write_text, fingerprint, read_json, write_json, write_jsonl
 from ..items import RankingTask
 from . import metrics as M
 from .cache import DEFAULT_CACHE, EmbeddingCache, gate_fingerprint, item_digest, model_fingerprint
@@ -128,7 +128,7 @@ def evaluate(embedder: Embedder, tasks: str | Sequence[str | TaskInfo | RankingT
                              "encoded": encoded, "from_cache": from_cache}
     summary["settings"] = {"model_source": getattr(embedder.backbone, "source", None), **settings}
     write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(render_markdown(summary, title=f"Evaluation: {out.name}"), encoding="utf-8")
+    atomic_write_text(out / "summary.md", render_markdown(summary, title=f"Evaluation: {out.name}"))
     return summary
 
 
@@ -163,8 +163,9 @@ def _run_task(embedder: Embedder, task: RankingTask, tdir: Path, cfg: EvalConfig
     task_fp = fingerprint(settings, task.name, task.eval_type, task.metric, q_keys, c_keys,
                           task.candidate_lists, task.relevance)
     done = tdir / "score.json"
-    if done.exists() and read_json(done).get("task_fingerprint") == task_fp:
-        return read_json(done), set(c_keys)
+    prev = read_json(done) if done.exists() else None
+    if prev is not None and prev.get("task_fingerprint") == task_fp:
+        return prev, set(c_keys)
     state = tdir / "task.json"
     if tdir.exists() and (not state.exists() or read_json(state).get("task_fingerprint") != task_fp):
         print(f"{task.name}: data or settings changed since the partial run in {tdir}; starting this task over",
@@ -174,10 +175,13 @@ def _run_task(embedder: Embedder, task: RankingTask, tdir: Path, cfg: EvalConfig
 
     pending = cache.missing(c_keys)
     distinct = len(set(c_keys))
+    first: dict[str, int] = {}  # each distinct candidate's first position
+    for i, k in enumerate(c_keys):
+        first.setdefault(k, i)
     bar = tqdm(total=len(task.queries) + len(pending), desc=task.name, unit="item", disable=not cfg.show_progress)
     try:
         queries = _encode_queries(embedder, task, tdir / "queries", cfg, bar)
-        cand_seconds = _encode_candidates(embedder, task, c_keys, pending, cache, cfg, bar)
+        cand_seconds = _encode_candidates(embedder, task, first, pending, cache, cfg, bar)
     finally:
         bar.close()
     vectors, ok, errors = cache.get(c_keys, embedder.dim)
@@ -186,9 +190,6 @@ def _run_task(embedder: Embedder, task: RankingTask, tdir: Path, cfg: EvalConfig
 
     n = len(task.queries)
     failures = [{"side": "query", "id": task.queries[i].id, "reason": r} for i, r in sorted(queries["errors"].items())]
-    first = {}
-    for i, k in enumerate(c_keys):
-        first.setdefault(k, i)
     failures += [{"side": "candidate", "id": task.candidates[first[k]].id, "reason": r} for k, r in errors.items()]
     reasoned = int(queries["reasoned"][queries["ok"]].sum())
     tokens = int(queries["generated_tokens"].sum())
@@ -245,12 +246,10 @@ def _encode_queries(embedder: Embedder, task: RankingTask, qdir: Path, cfg: Eval
     }
 
 
-def _encode_candidates(embedder: Embedder, task: RankingTask, c_keys: list[str], pending: list[str],
+def _encode_candidates(embedder: Embedder, task: RankingTask, first: dict[str, int], pending: list[str],
                        cache: EmbeddingCache, cfg: EvalConfig, bar) -> float:
-    """Encode the candidates the cache lacks, one chunk (= one cache shard) at a time."""
-    first: dict[str, int] = {}
-    for i, k in enumerate(c_keys):
-        first.setdefault(k, i)
+    """Encode the candidates the cache lacks (``first``: key -> a candidate with it), one chunk (= one
+    cache shard) at a time."""
     seconds = 0.0
     for lo in range(0, len(pending), cfg.chunk):
         keys = pending[lo:lo + cfg.chunk]
@@ -272,11 +271,12 @@ def _score(task: RankingTask, queries: dict[str, Any], vectors: np.ndarray, ok: 
     all_idx = np.arange(len(task.candidates))
     for qi, q in enumerate(task.queries):
         gold = task.relevance.get(q.id, {})
-        if task.eval_type == "global":
-            idx, where = all_idx, pos
+        if task.eval_type == "global":  # the whole pool: no per-query copy of the candidate matrix
+            idx, where, cvecs, cok = all_idx, pos, vectors, ok
         else:
             ids = task.candidate_lists[q.id]
             idx, where = np.array([pos[c] for c in ids], int), {c: j for j, c in enumerate(ids)}
+            cvecs, cok = vectors[idx], ok[idx]
         row: dict[str, Any] = {"query_id": q.id, "gold": gold, "reasoned": bool(queries["reasoned"][qi]),
                                "rationale": queries["rationales"][qi],
                                "p_think": round(float(queries["p_think"][qi]), 6),
@@ -285,8 +285,8 @@ def _score(task: RankingTask, queries: dict[str, Any], vectors: np.ndarray, ok: 
             m = M.zero_metrics()
             row.update(top=[], failed=queries["errors"].get(qi, "not encoded"))
         else:
-            scores = (vectors[idx] @ qvecs[qi]).astype(np.float64)
-            scores[~ok[idx]] = -np.inf
+            scores = (cvecs @ qvecs[qi]).astype(np.float64)
+            scores[~cok] = -np.inf
             rel = np.zeros(len(idx))
             for cid, r in gold.items():
                 rel[where[cid]] = r
