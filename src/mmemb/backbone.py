@@ -40,6 +40,10 @@ class TokenIds:
     stop: list[int]  # ids that end an assistant turn (e.g. <|im_end|>, eos)
     special: list[int]  # every special/added id: never part of a rationale
 
+    def p_think(self, decision_logits: torch.Tensor) -> torch.Tensor:
+        """p(<think>) of the first assistant token, over the two choices <think> / <emb>."""
+        return torch.softmax(decision_logits[:, [self.think, self.emb]], dim=-1)[:, 0]
+
 
 @dataclass
 class BackboneOutput:

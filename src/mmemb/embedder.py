@@ -200,12 +200,12 @@ class Embedder:
         positions, next_pos = bb.rope_positions(inputs)
         B, L = inputs["input_ids"].shape
         rows = torch.arange(B, device=bb.device)
-        cache = _new_cache(bb) if mode != "direct" else None
+        cache = new_cache(bb.config.text_config) if mode != "direct" else None
         # Logits at the last prompt position (the decision) and at the last position (what follows).
         index = (torch.cat([rows, rows]), torch.cat([torch.full_like(rows, L - 2), torch.full_like(rows, L - 1)]))
         out = bb(inputs, positions, cache=cache, logits_index=index)
         decision_logits, next_logits = out.logits[:B], out.logits[B:]
-        p_think = torch.softmax(decision_logits[:, [bb.ids.think, bb.ids.emb]], dim=-1)[:, 0]
+        p_think = bb.ids.p_think(decision_logits)
         if gate_p is not None:
             p_think = torch.as_tensor(gate_p, dtype=torch.float32, device=bb.device)
         think = torch.full((B,), mode == "reason", dtype=torch.bool, device=bb.device)
@@ -214,12 +214,12 @@ class Embedder:
         mask = inputs["attention_mask"]
         res.tokens_processed += int(mask.sum())
         emb = torch.nn.functional.normalize(out.hidden[:, -1].float(), dim=-1).cpu().numpy()
-        for r, i in enumerate(idx):
-            res.embeddings[i] = emb[r]  # reasoning rows are overwritten once decoded
-            res.reasoned[i] = bool(think[r])
-            res.p_think[i] = float(p_think[r])
-            res.prompt_tokens[i] = int(mask[r].sum()) - 1
-            res.ok[i] = True
+        # One transfer each, not one per row (each would wait for the device).
+        res.embeddings[idx] = emb  # reasoning rows are overwritten once decoded
+        res.reasoned[idx] = think.cpu().numpy()
+        res.p_think[idx] = p_think.float().cpu().numpy()
+        res.prompt_tokens[idx] = (mask.sum(dim=1) - 1).cpu().numpy()
+        res.ok[idx] = True
         if not think.any():
             return None
         sel = torch.nonzero(think).flatten()
@@ -267,10 +267,6 @@ class _Pending:
     @property
     def rows(self) -> int:
         return len(self.items)
-
-
-def _new_cache(bb: Backbone):
-    return new_cache(bb.config.text_config)
 
 
 def _length_key(prompt: str, visuals: tuple) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backbone import Backbone
+from .kv_cache import new_cache
 
 
 @dataclass
@@ -29,7 +30,6 @@ class ReasoningResult:
     embeddings: torch.Tensor  # (B, D), not normalised
     tokens: list[list[int]]  # per row: rationale token ids (without <think>, </think>)
     closed_by_model: list[bool]  # False where the budget forced </think>
-    steps: int  # decoding steps run (model calls after the prefill)
 
 
 class Reasoner:
@@ -77,7 +77,6 @@ class Reasoner:
         mask, pos = attention_mask, next_pos.clone()
         logits = first if first_is_logits else None
         feed = None if first_is_logits else first
-        steps = 0
         while rows.numel():
             if feed is None:
                 feed = self._choose(logits, banned, sampling)
@@ -89,8 +88,9 @@ class Reasoner:
                 feed = torch.where(forced, torch.full_like(feed, ids.end_think), feed)
                 feed = torch.where(closing, torch.full_like(feed, ids.emb), feed)
             is_text = (feed != ids.end_think) & (feed != ids.emb) & (feed != ids.think)
-            for k in torch.nonzero(is_text).flatten().tolist():
-                tokens[rows[k]].append(int(feed[k]))
+            for r, tok, text in zip(rows.tolist(), feed.tolist(), is_text.tolist()):
+                if text:
+                    tokens[r].append(tok)
             n_tokens += is_text.long()
             n_steps += (is_text & sentence_end[feed]).long()
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -98,20 +98,18 @@ class Reasoner:
             positions = pos.view(1, -1, 1).expand(3, -1, 1)
             result = bb(step_inputs, positions, cache=cache, logits_index=(torch.arange(feed.numel(), device=device),
                                                                            torch.zeros_like(feed)))
-            steps += 1
             pos = pos + 1
             done = feed == ids.emb
-            if done.any():
-                out[rows[done]] = result.hidden[done, -1].float()
             closing = feed == ids.end_think
             logits = result.logits
             feed = None
             if done.any():
+                out[rows[done]] = result.hidden[done, -1].float()
                 keep = torch.nonzero(~done).flatten()
                 cache.batch_select_indices(keep)
                 rows, mask, pos, closing, logits = rows[keep], mask[keep], pos[keep], closing[keep], logits[keep]
                 n_tokens, n_steps = n_tokens[keep], n_steps[keep]
-        return ReasoningResult(out, tokens, closed_by_model, steps)
+        return ReasoningResult(out, tokens, closed_by_model)
 
     @staticmethod
     def _choose(logits, banned, sampling: SamplingConfig) -> torch.Tensor:
@@ -138,15 +136,13 @@ def _sentence_end_ids(tokenizer, vocab: int) -> torch.Tensor:
 def merge_caches(caches: list, masks: list[torch.Tensor], backbone: Backbone):
     """One cache (and attention mask) from several batches' caches: each is left-padded to the
     longest with masked slots, so every row keeps its own positions and sees only its own tokens."""
-    from .kv_cache import new_cache
-
     if len(caches) == 1:
         return caches[0], masks[0]
     length = max(m.shape[1] for m in masks)
     merged = new_cache(backbone.config.text_config)
     for layer in range(len(caches[0].layers)):
         keys, values = [], []
-        for cache, mask in zip(caches, masks):
+        for cache in caches:
             k, v = cache.layers[layer].keys, cache.layers[layer].values
             pad = length - k.shape[2]
             keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))

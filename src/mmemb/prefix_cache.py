@@ -26,7 +26,7 @@ class Prefilled:
     prompt_tokens: torch.Tensor  # (B,)
 
     def p_think(self, ids) -> torch.Tensor:
-        return torch.softmax(self.logits[:, [ids.think, ids.emb]], dim=-1)[:, 0]
+        return ids.p_think(self.logits)
 
     def repeat(self, owners: torch.Tensor) -> "Prefilled":
         """Row i of the result continues prompt ``owners[i]`` (the cache is re-indexed in place)."""
