@@ -282,12 +282,9 @@ def load_backbone(
         raise RuntimeError("attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU; "
                            "use 'sdpa' instead")
     torch_dtype = resolve_dtype(dtype, device)
-    adapter = Path(source) / "adapter_config.json"
-    base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else source
-    base = _resolve_source(base)
-
-    processor = AutoProcessor.from_pretrained(source if (Path(source) / "tokenizer_config.json").exists() else base,
-                                              trust_remote_code=trust_remote_code)
+    base = _adapter_base(source)
+    is_adapter = base != source
+    processor = AutoProcessor.from_pretrained(_tokenizer_source(source, base), trust_remote_code=trust_remote_code)
     if min_pixels is not None or max_pixels is not None:
         for proc in (processor.image_processor, getattr(processor, "video_processor", None)):
             if proc is not None:
@@ -298,7 +295,7 @@ def load_backbone(
         base, dtype=torch_dtype, attn_implementation=attn_implementation, use_safetensors=True,
         trust_remote_code=trust_remote_code,
     )
-    if adapter.is_file() and source != base:
+    if is_adapter:
         # The adapter was trained on the base with the protocol tokens added to the *base*
         # tokenizer: add them the same way (same rows, same mean initialisation), whatever the
         # adapter folder's saved tokenizer already holds.
@@ -308,12 +305,33 @@ def load_backbone(
             raise ValueError(f"{source}: the adapter's tokenizer differs from its base {base!r} plus the protocol tokens")
     else:
         add_protocol_tokens(model, processor)
-    if adapter.is_file():
+    if is_adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, source)
     model.to(device).eval()
     return Backbone(model, processor, source=str(name_or_path))
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer alone (no weights read), found as ``load_backbone`` finds it."""
+    from transformers import AutoTokenizer
+
+    source = _resolve_source(name_or_path)
+    return AutoTokenizer.from_pretrained(_tokenizer_source(source, _adapter_base(source)),
+                                         trust_remote_code=trust_remote_code)
+
+
+def _adapter_base(source: str) -> str:
+    """The base model of a peft adapter folder; ``source`` itself for a full checkpoint."""
+    adapter = Path(source) / "adapter_config.json"
+    if not adapter.is_file():
+        return source
+    return _resolve_source(json.loads(adapter.read_text())["base_model_name_or_path"])
+
+
+def _tokenizer_source(source: str, base: str) -> str:
+    return source if (Path(source) / "tokenizer_config.json").exists() else base
 
 
 def _resolve_source(name_or_path: str | os.PathLike) -> str:

@@ -411,11 +411,9 @@ def rationales(
     from .train.rationales import run_rationales
     from .train.teachers import make_teacher
 
-    tok = None
-    if tokenizer:
-        from transformers import AutoTokenizer
+    from .backbone import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+    tok = load_tokenizer(tokenizer) if tokenizer else None
     stats = run_rationales(read_pairs(data), [make_teacher(t, seed=seed) for t in teacher], k, out, tokenizer=tok,
                            batch_size=batch_size)
     typer.echo(f"{stats['written']} rationales written, {stats['skipped']} already there: {out}")

@@ -176,13 +176,13 @@ def stage_pretrain(run: Run) -> None:
 
 
 def stage_rationales(run: Run) -> None:
-    from ..backbone import load_backbone
+    from ..backbone import load_tokenizer
     from ..train.rationales import run_rationales
     from ..train.teachers import make_teacher
 
     spec = run.cfg.rationales
     teachers = [make_teacher(t, seed=run.cfg.seed) for t in spec["teachers"]]
-    tokenizer = load_backbone(run.start_model).tokenizer
+    tokenizer = load_tokenizer(run.start_model)  # to count rationale tokens: no weights needed
     run_rationales(run.subset(), teachers, int(spec["k"]), run.root / "rationales.jsonl", tokenizer=tokenizer)
 
 
@@ -274,13 +274,19 @@ def systems(run: Run) -> dict[str, tuple[Path, str, bool]]:
 
 
 def stage_eval(run: Run) -> None:
+    from ..embedder import Embedder
     from ..eval.runner import evaluate
     from ..train.gate import load_gate
 
     opts = {k: v for k, v in run.cfg.eval.items() if k != "sweep"}
     data = run.cfg.eval_data or str(run.benchmark)
+    loaded: dict[Path, Embedder] = {}  # systems of one model share its weights (loaded once)
     for name, (model, mode, gated) in systems(run).items():
-        embedder = run.load(model, gate=load_gate(run.root / "gate") if gated else None)
+        if model not in loaded:
+            loaded = {model: run.load(model)}  # one model in memory at a time
+        base = loaded[model]
+        embedder = Embedder(base.backbone, gate=load_gate(run.root / "gate") if gated else None,
+                            max_image_pixels=base.max_image_pixels)
         evaluate(embedder, run.cfg.eval_tasks, run.root / "eval" / name, mode=mode, data=data,
                  cache_dir=str(run.root / "eval" / ".cache"), **opts)
 
