@@ -41,10 +41,6 @@ def mixed_items(n: int = 64, seed: int = 0):
     return items
 
 
-def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
-    return median_times({"x": fn}, repeats, warmup)["x"]
-
-
 def median_times(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each function, run interleaved (A B C A B C ...) so drift hits all alike."""
     for _ in range(warmup):
