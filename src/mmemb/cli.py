@@ -355,10 +355,10 @@ def eval_(
     start = time.perf_counter()
     embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
     try:
-        summary = evaluate(embedder, selected, out, mode=mode, data=None if data is None else str(data),
-                           candidate_mode=candidate_mode, think_threshold=think_threshold,
-                           max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
-                           batch_size=batch_size, split=split, cache_dir=None if cache is None else str(cache))
+        evaluate(embedder, selected, out, mode=mode, data=None if data is None else str(data),
+                 candidate_mode=candidate_mode, think_threshold=think_threshold,
+                 max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
+                 batch_size=batch_size, split=split, cache_dir=None if cache is None else str(cache))
     except (DataNotFound, EvalError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

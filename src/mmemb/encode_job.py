@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .embedder import Embedder, Encoded
-from .fileio import atomic_save_npy, file_fingerprint, fingerprint, read_json, write_json, write_jsonl
+from .fileio import atomic_save_npy, file_fingerprint, fingerprint, read_json, read_jsonl, write_json, write_jsonl
 from .items import Item, ItemError
 
 
@@ -47,8 +47,9 @@ def output_paths(output: str | Path) -> tuple[Path, Path]:
 
 
 def run_encode(embedder: Embedder, input_path: str | Path, output: str | Path, chunk_size: int = 2048,
-               on_error: str = "skip", **encode_kw) -> dict:
-    items = read_items(input_path)
+               on_error: str = "skip", items: list[Item] | None = None, **encode_kw) -> dict:
+    """``items``: the file's items where the caller has read them already."""
+    items = read_items(input_path) if items is None else items
     npy_path, jsonl_path = output_paths(output)
     parts = npy_path.with_name(npy_path.stem + ".parts")
     key = fingerprint(file_fingerprint(input_path), chunk_size, on_error,
@@ -72,7 +73,7 @@ def run_encode(embedder: Embedder, input_path: str | Path, output: str | Path, c
         write_jsonl(part.with_suffix(".jsonl"), _rows(items[start:start + chunk_size], res))
 
     vectors = [np.load(p) for p in sorted(parts.glob("*.npy"))]
-    rows = [json.loads(line) for p in sorted(parts.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    rows = [r for p in sorted(parts.glob("*.jsonl")) for r in read_jsonl(p)]
     atomic_save_npy(npy_path, np.concatenate(vectors) if vectors else np.zeros((0, embedder.dim), np.float32))
     write_jsonl(jsonl_path, rows)
     shutil.rmtree(parts)

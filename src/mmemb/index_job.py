@@ -67,7 +67,7 @@ def _encode_into(index: VectorIndex, embedder: Embedder, input_path: str | Path,
                          "(rows without an \"id\" are numbered by their line: give ids when adding)")
     c = index.config
     work = out.parent / f".{out.name}.work"
-    run_encode(embedder, input_path, work / "vectors", mode=c.mode, batch_size=batch_size,
+    run_encode(embedder, input_path, work / "vectors", items=items, mode=c.mode, batch_size=batch_size,
                think_threshold=c.think_threshold, max_reasoning_tokens=c.max_reasoning_tokens,
                show_progress=show_progress)
     npy_path, jsonl_path = output_paths(work / "vectors")

@@ -12,9 +12,9 @@ import base64
 import binascii
 import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -130,6 +130,10 @@ class Pair:
     id: str | None = None
     label: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def with_rationale(self, text: str | None, label: str | None = None) -> "Pair":
+        """This pair with ``text`` as the query's rationale (None: none) and ``label`` as its verdict."""
+        return replace(self, query=replace(self.query, rationale=text), label=label)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "dataset": self.dataset, "query": self.query.to_json(),
@@ -317,8 +321,3 @@ def _resolve(src: Any, root: str | os.PathLike | None) -> Any:
         return src
     p = Path(src)
     return str(p if p.is_absolute() else Path(root) / p)
-
-
-def batched(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(seq), size):
-        yield seq[start : start + size]

@@ -169,7 +169,7 @@ def _row_item(row: dict, side: str, default_inst: str, root: Path, num_frames: i
 
     inst = row.get(f"{side}_inst")
     text = field("text")
-    inst, text = _clean(inst), _clean(text)
+    inst, text = strip_placeholder(inst), strip_placeholder(text)
     if inst is None and text and default_inst and text.startswith(default_inst):
         # v1 rows put the instruction at the start of the text
         inst, text = default_inst, text[len(default_inst):].strip()
@@ -184,15 +184,15 @@ def _row_item(row: dict, side: str, default_inst: str, root: Path, num_frames: i
 
 def _corpus_item(row: dict, default_inst: str, root: Path, num_frames: int) -> Item:
     image, video = row.get("image"), row.get("video")
-    item = Item(text=_clean(row.get("text")) or None, instruction=row.get("instruction", default_inst or None),
-                images=[_resolve(image, root)] if image else [])
+    item = Item(text=strip_placeholder(row.get("text")) or None,
+                instruction=row.get("instruction", default_inst or None), images=[_resolve(image, root)] if image else [])
     if video:
         item.video = sample_frames(_resolve(video, root), num_frames)
         item.meta["video"] = str(_resolve(video, root))
     return item
 
 
-def _clean(s: Any) -> str | None:
+def strip_placeholder(s: Any) -> str | None:
     """Drop the phi-3-v image placeholder MMEB rows carry; trim the whitespace around it."""
     if s is None:
         return None

@@ -23,7 +23,6 @@ from typing import Any
 from ..fileio import read_json
 
 IMAGE, VIDEO, VISDOC = "image", "video", "visdoc"
-MODALITIES = (IMAGE, VIDEO, VISDOC)
 HIT1, NDCG5 = "hit@1", "ndcg@5"
 LOCAL, GLOBAL = "local", "global"
 

@@ -14,15 +14,14 @@ from typing import Any, Iterator
 
 from ..fileio import write_jsonl
 from ..items import Item, Pair
-
-PLACEHOLDER = "<|image_1|>"
+from .loaders import strip_placeholder
 
 
 def split_instruction(text: str | None) -> tuple[str | None, str | None]:
     """(instruction, rest): the instruction runs to the first ': ' (or is the whole text)."""
     if not text:
         return None, None
-    text = text.replace(PLACEHOLDER, "").strip()
+    text = strip_placeholder(text)
     head, sep, rest = text.partition(": ")
     if sep:
         return head + ":", rest.strip() or None

@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..data.pairs import read_pairs
 from ..fileio import write_json, write_jsonl
-from ..items import Item, Pair
+from ..items import Pair
 from .config import PipelineConfig
 
 
@@ -124,19 +124,13 @@ def faithful_pairs(pairs: list[Pair], seed: int) -> list[Pair]:
     from ..data.minimmeb_teacher import rationale
 
     rng = random.Random(seed)
-    return [_with_rationale(p, rationale("faithful", p.meta, rng)) for p in pairs]
+    return [p.with_rationale(rationale("faithful", p.meta, rng)) for p in pairs]
 
 
 def candidate_pairs(pairs: list[Pair], rationales: dict[str, list[dict]], seed: int) -> list[Pair]:
     """Pairs whose query carries one of its candidate rationales, drawn at random (seeded)."""
     rng = random.Random(seed)
-    return [_with_rationale(p, rng.choice(rationales[p.id])["text"]) for p in pairs if rationales.get(p.id)]
-
-
-def _with_rationale(p: Pair, text: str | None, label: str | None = None) -> Pair:
-    query = Item(**{**p.query.__dict__, "rationale": text})
-    return Pair(query=query, positive=p.positive, negatives=p.negatives, dataset=p.dataset, id=p.id, label=label,
-                meta=p.meta)
+    return [p.with_rationale(rng.choice(rationales[p.id])["text"]) for p in pairs if rationales.get(p.id)]
 
 
 def examples_seen(values: dict, steps_key: str = "max_steps", batch_key: str = "batch_size") -> int:
@@ -232,7 +226,7 @@ def baseline_steps(cfg: PipelineConfig) -> int:
 
 
 def stage_baseline(run: Run) -> None:
-    pairs = [_with_rationale(p, None) for p in run.subset()]
+    pairs = [p.with_rationale(None) for p in run.subset()]
     train_stage(run, "baseline", run.start_model, run.write_pairs("baseline", pairs),
                 extra={"max_steps": baseline_steps(run.cfg)})
 

@@ -10,7 +10,6 @@ that wrap a model they cannot retrain — still get selective reasoning.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..backbone import Backbone
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, read_json, write_json
 from ..items import Pair, load_visuals
 from ..prompts import render_prompt
 
@@ -72,13 +71,13 @@ class ReasoningGate(nn.Module):
 
     def save(self, path: str | Path) -> None:
         with atomic_dir(path) as tmp:
-            (tmp / "gate_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+            write_json(tmp / "gate_config.json", asdict(self.config))
             save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp / "gate.safetensors")
 
 
 def load_gate(path: str | Path) -> ReasoningGate:
     path = Path(path)
-    gate = ReasoningGate(GateConfig(**json.loads((path / "gate_config.json").read_text())))
+    gate = ReasoningGate(GateConfig(**read_json(path / "gate_config.json")))
     gate.load_state_dict(load_file(path / "gate.safetensors"))
     return gate.eval()
 

@@ -155,8 +155,10 @@ def rl_step(policy: Backbone, reference: Backbone | None, reasoner: Reasoner, op
     target_items, positive = _targets(batch)
     targets = torch.from_numpy(Embedder(policy).encode(target_items, mode="direct").embeddings)
 
+    prompts = [render_prompt(policy.processor, q) for q in queries]
+    visuals = [load_visuals(q) for q in queries]
     policy.eval()
-    ro = sample_groups(policy, reasoner, queries, cfg.group_size, sampling, gen)
+    ro = sample_groups(policy, reasoner, queries, cfg.group_size, sampling, gen, prompts=prompts, visuals=visuals)
     policy.train()
     retrieval = retrieval_reward(ro.embeddings, targets, positive[ro.owners], cfg.reward, cfg.reward_temperature)
     cost = cfg.cost * ro.reasoning_tokens / max(1, cfg.max_reasoning_tokens)
@@ -165,8 +167,6 @@ def rl_step(policy: Backbone, reference: Backbone | None, reasoner: Reasoner, op
     adv = group_advantages(rewards, cfg.group_size, scale=cfg.scale_advantages)
 
     owners = ro.owners.tolist()
-    prompts = [render_prompt(policy.processor, q) for q in queries]
-    visuals = [load_visuals(q) for q in queries]
     forced = build_forced_batch(policy, [prompts[o] for o in owners], [visuals[o] for o in owners], ro.rationale_ids)
     banned = reasoner.banned
     greedy = not cfg.temperature

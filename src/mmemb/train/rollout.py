@@ -36,10 +36,14 @@ class Rollouts:
 
 @torch.no_grad()
 def sample_groups(backbone: Backbone, reasoner: Reasoner, items: Sequence[Item], group_size: int,
-                  sampling: SamplingConfig, generator: torch.Generator | None = None) -> Rollouts:
+                  sampling: SamplingConfig, generator: torch.Generator | None = None,
+                  prompts: Sequence[str] | None = None, visuals: Sequence[tuple] | None = None) -> Rollouts:
+    """``prompts`` / ``visuals``: the items' rendered prompts and loaded images, where the caller has them."""
     ids = backbone.ids
-    state = prefill(backbone, [render_prompt(backbone.processor, it) for it in items],
-                    [load_visuals(it) for it in items])
+    if prompts is None or visuals is None:
+        prompts = [render_prompt(backbone.processor, it) for it in items]
+        visuals = [load_visuals(it) for it in items]
+    state = prefill(backbone, prompts, visuals)
     p = state.p_think(ids)
     owners = torch.arange(len(items), device=p.device).repeat_interleave(group_size)
     state = state.repeat(owners)

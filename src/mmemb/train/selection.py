@@ -91,29 +91,30 @@ def score_chunk(embedder: Embedder, chunk: Sequence[Pair], rationales: dict[str,
                 cfg: SelectionConfig) -> list[dict]:
     bb = embedder.backbone
     sets = candidate_sets(chunk, cfg.sampled_negatives, cfg.seed)
-    unique: dict[tuple, int] = {}
+    unique: dict[tuple, int] = {}  # content -> row of ``cand``: each distinct candidate encoded once
+    flat, set_rows = [], []
     for items in sets:
+        rows = []
         for it in items:
-            unique.setdefault(it.content_key(), len(unique))
-    flat = [None] * len(unique)
-    for items in sets:
-        for it in items:
-            flat[unique[it.content_key()]] = it
+            key = it.content_key()
+            if key not in unique:
+                unique[key] = len(flat)
+                flat.append(it)
+            rows.append(unique[key])
+        set_rows.append(torch.tensor(rows))
     cand = torch.from_numpy(embedder.encode(flat, mode="direct").embeddings)
 
     # Each pair: the direct tail (do(r = empty)) and one tail per candidate rationale.
-    owners, tails, rat_tokens, meta = [], [], [], []
+    owners, tails, rat_tokens = [], [], []
     for q, pair in enumerate(chunk):
         owners.append(q)
         tails.append([bb.ids.emb])
         rat_tokens.append(None)
-        meta.append(None)
         for row in rationales[pair.id]:
             ids = rationale_ids(bb, row["text"])[: cfg.max_rationale_tokens]
             owners.append(q)
             tails.append([bb.ids.think, *ids, bb.ids.end_think, bb.ids.emb])
             rat_tokens.append(ids)
-            meta.append(row)
     queries = [p.query for p in chunk]
     prompts = [render_prompt(bb.processor, it) for it in queries]
     visuals = [load_visuals(it) for it in queries]
@@ -127,8 +128,7 @@ def score_chunk(embedder: Embedder, chunk: Sequence[Pair], rationales: dict[str,
 
     scores = []
     for k, q in enumerate(owners):
-        idx = torch.tensor([unique[it.content_key()] for it in sets[q]])
-        logits = cand[idx] @ emb[k] / cfg.temperature
+        logits = cand[set_rows[q]] @ emb[k] / cfg.temperature
         scores.append(float(torch.log_softmax(logits, dim=0)[0]))
     rows, k = [], 0
     for q, pair in enumerate(chunk):
@@ -160,9 +160,7 @@ def labelled_pairs(pairs: Sequence[Pair], selection_path: str | Path) -> list[Pa
         v = verdicts.get(p.id)
         if v is None:
             continue
-        query = Item(**{**p.query.__dict__, "rationale": v["rationale"]})
-        out.append(Pair(query=query, positive=p.positive, negatives=p.negatives, dataset=p.dataset, id=p.id,
-                        label=v["label"], meta=p.meta))
+        out.append(p.with_rationale(v["rationale"], v["label"]))
     return out
 
 

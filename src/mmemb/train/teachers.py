@@ -17,7 +17,7 @@ import asyncio
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 from urllib.parse import parse_qsl
 
