@@ -48,7 +48,7 @@ def build_report(run: Run) -> dict[str, Any]:
     if ablations:
         report["ablation"] = {name: {"hit1": {t: s["tasks"][t]["main"] for t in kinds},
                                      "hit1_overall": s["overall"]["main"]} for name, s in ablations.items()}
-    report["sweep"] = threshold_sweep(run, run.cfg.eval.get("sweep", []))
+    report["sweep"] = threshold_sweep(run, kinds, run.cfg.eval.get("sweep", []))
     gate_metrics = run.root / "gate_metrics.json"
     if gate_metrics.is_file():
         report["gate"] = read_json(gate_metrics)
@@ -71,9 +71,8 @@ def _wall_seconds(run: Run) -> float:
     return max(s["finished"] for s in spans) - min(s["finished"] - s["seconds"] for s in spans)
 
 
-def threshold_sweep(run: Run, thresholds: list[float]) -> list[dict[str, float]]:
+def threshold_sweep(run: Run, kinds: dict[str, str], thresholds: list[float]) -> list[dict[str, float]]:
     """Hit@1 (mean over tasks), invocation and generated tokens per query at each threshold."""
-    kinds = task_kinds(run)
     per_task = {}
     for task in kinds:
         reason = list(iter_jsonl(run.root / "eval" / "always" / task / "predictions.jsonl"))
@@ -120,17 +119,26 @@ def ablation_rows(report: dict[str, Any]) -> list[tuple[str, float, float, float
 ABLATION_HEAD = ["| model and mode | Hit@1 easy | Hit@1 compositional | Hit@1 overall |", "|---|---:|---:|---:|"]
 
 
-def results_table(report: dict[str, Any]) -> str:
-    kinds = report["tasks"]
+def _results_head(invocation: str) -> list[str]:
+    return [f"| system | Hit@1 easy | Hit@1 compositional | Hit@1 overall | {invocation} | generated tokens / query "
+            "| encode time / direct |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+
+def _system_values(report: dict[str, Any], name: str) -> list[float]:
+    """The results table's columns for one system: Hit@1 easy, compositional, overall and invocation
+    (in %), generated tokens per query, encode time relative to the direct-only model."""
+    s, kinds = report["systems"][name], report["tasks"]
     base = report["systems"]["direct"]["seconds_per_query"] or 1e-9
-    lines = ["| system | Hit@1 easy | Hit@1 compositional | Hit@1 overall | invocation | generated tokens / query "
-             "| encode time / direct |", "|---|---:|---:|---:|---:|---:|---:|"]
+    return [_mean_of_kind(s, kinds, "easy") * 100, _mean_of_kind(s, kinds, "compositional") * 100,
+            s["hit1_overall"] * 100, float(np.mean(list(s["invocation"].values()))) * 100,
+            s["generated_tokens_per_query"], s["seconds_per_query"] / base]
+
+
+def results_table(report: dict[str, Any]) -> str:
+    lines = _results_head("invocation")
     for name in SYSTEMS:
-        s = report["systems"][name]
-        inv = np.mean(list(s["invocation"].values()))
-        lines.append(f"| {LABELS[name]} | {_pct(_mean_of_kind(s, kinds, 'easy'))} "
-                     f"| {_pct(_mean_of_kind(s, kinds, 'compositional'))} | {_pct(s['hit1_overall'])} | {_pct(inv)} "
-                     f"| {s['generated_tokens_per_query']:.1f} | {s['seconds_per_query'] / base:.2f} |")
+        v = _system_values(report, name)
+        lines.append(f"| {LABELS[name]} | " + " | ".join(f"{x:.1f}" for x in v[:5]) + f" | {v[5]:.2f} |")
     return "\n".join(lines)
 
 
@@ -149,11 +157,11 @@ def write_report(run: Run) -> dict[str, Any]:
     from ..train.selection_report import plot_deltas
 
     plot_deltas(run.root / "selection.jsonl", figures / "delta_by_type.png", run.cfg.select.get("margin", 0.0))
-    atomic_write_text(run.root / "report.md", render_markdown(run, report))
+    atomic_write_text(run.root / "report.md", render_markdown(report))
     return report
 
 
-def render_markdown(run: Run, report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any]) -> str:
     kinds = report["tasks"]
     lines = [f"# mmemb demo report (seed {report['seed']})", "",
              f"MiniMMEB test split; the whole pipeline took {report['seconds'] / 60:.1f} minutes.", "",
@@ -167,10 +175,9 @@ def render_markdown(run: Run, report: dict[str, Any]) -> str:
               "|---|" + "---:|" * len(SYSTEMS)]
     for t in kinds:
         lines.append(f"| {t} | " + " | ".join(_pct(report["systems"][s]["invocation"][t]) for s in SYSTEMS) + " |")
-    lines += ["", "## Counterfactual selection: share of candidate rationales kept", "",
-              "| kind | " + " | ".join(sorted({ty for v in report['selection']['kept'].values() for ty in v})) + " |"]
     types = sorted({ty for v in report["selection"]["kept"].values() for ty in v})
-    lines.append("|---|" + "---:|" * len(types))
+    lines += ["", "## Counterfactual selection: share of candidate rationales kept", "",
+              "| kind | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
     for kind, shares in report["selection"]["kept"].items():
         lines.append(f"| {kind} | " + " | ".join(_pct(shares.get(ty, float("nan"))) for ty in types) + " |")
     if "ablation" in report:
@@ -265,19 +272,11 @@ def seeds_table(reports: list[dict[str, Any]]) -> str:
     """The results table over several runs (seeds): mean ± std of each column."""
     rows = []
     for name in SYSTEMS:
-        cols = []
-        for r in reports:
-            s, kinds = r["systems"][name], r["tasks"]
-            base = r["systems"]["direct"]["seconds_per_query"] or 1e-9
-            cols.append([_mean_of_kind(s, kinds, "easy") * 100, _mean_of_kind(s, kinds, "compositional") * 100,
-                         s["hit1_overall"] * 100, np.mean(list(s["invocation"].values())) * 100,
-                         s["generated_tokens_per_query"], s["seconds_per_query"] / base])
-        a = np.array(cols)
+        a = np.array([_system_values(r, name) for r in reports])
         cells = [f"{m:.1f} ± {d:.1f}" if i < 5 else f"{m:.2f} ± {d:.2f}"
                  for i, (m, d) in enumerate(zip(a.mean(0), a.std(0)))]
         rows.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
-    head = ["| system | Hit@1 easy | Hit@1 compositional | Hit@1 overall | invocation % | generated tokens / query "
-            "| encode time / direct |", "|---|---:|---:|---:|---:|---:|---:|"]
+    head = _results_head("invocation %")
     seeds = ", ".join(str(r["seed"]) for r in reports)
     text = "\n".join(head + rows) + f"\n\nmean ± std over {len(reports)} seeds ({seeds})"
     if all("ablation" in r for r in reports):  # runs made with the blind stage
