@@ -143,8 +143,8 @@ class Backbone(nn.Module):
         for k, v in batch.items():
             if not isinstance(v, torch.Tensor):
                 continue
-            v = v.to(device)
-            out[k] = v.to(dtype) if v.is_floating_point() else v
+            # One copy: cast and move together (pixels are float32 from the processor).
+            out[k] = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
         return out
 
     def encode_visuals(self, inputs: dict[str, torch.Tensor]) -> dict[str, object]:

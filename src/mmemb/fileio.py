@@ -130,12 +130,13 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def file_fingerprint(path: str | os.PathLike) -> str:
+def file_fingerprint(path: str | os.PathLike, length: int = 16) -> str:
+    """The first ``length`` hex digits of the SHA-256 of the file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:length]
 
 
 def _json_default(o: Any) -> Any:

@@ -176,19 +176,22 @@ def _row_item(row: dict, side: str, default_inst: str, root: Path, num_frames: i
     image, video = field("img_path"), field("video")
     item = Item(text=text or None, instruction=inst if inst is not None else (default_inst or None),
                 images=[_resolve(image, root)] if image else [])
-    if video:
-        item.video = sample_frames(_resolve(video, root), num_frames)
-        item.meta["video"] = str(_resolve(video, root))
-    return item
+    return _with_video(item, video, root, num_frames)
 
 
 def _corpus_item(row: dict, default_inst: str, root: Path, num_frames: int) -> Item:
     image, video = row.get("image"), row.get("video")
     item = Item(text=strip_placeholder(row.get("text")) or None,
                 instruction=row.get("instruction", default_inst or None), images=[_resolve(image, root)] if image else [])
+    return _with_video(item, video, root, num_frames)
+
+
+def _with_video(item: Item, video: str | None, root: Path, num_frames: int) -> Item:
+    """The item with ``num_frames`` frames sampled from the video folder, where it has one."""
     if video:
-        item.video = sample_frames(_resolve(video, root), num_frames)
-        item.meta["video"] = str(_resolve(video, root))
+        folder = _resolve(video, root)
+        item.video = sample_frames(folder, num_frames)
+        item.meta["video"] = str(folder)
     return item
 
 

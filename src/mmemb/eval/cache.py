@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..fileio import atomic_save_npy, read_json, write_json
+from ..fileio import atomic_save_npy, file_fingerprint, read_json, write_json
 from ..items import Item
 
 DEFAULT_CACHE = Path(os.environ.get("MMEMB_CACHE", Path.home() / ".cache" / "mmemb")) / "eval"
@@ -119,11 +119,7 @@ def _image_digest(src: Any) -> str:
 @functools.lru_cache(maxsize=1 << 16)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """Hash of a file's bytes; size and mtime are part of the memo key (a changed file is re-read)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "file:" + h.hexdigest()[:32]
+    return "file:" + file_fingerprint(path, 32)
 
 
 def model_fingerprint(embedder: Any) -> str:
