@@ -156,7 +156,8 @@ def write_report(run: Run) -> dict[str, Any]:
     plot_tradeoff(report, figures / "accuracy_vs_tokens.png")
     from ..train.selection_report import plot_deltas
 
-    plot_deltas(run.root / "selection.jsonl", figures / "delta_by_type.png", run.cfg.select.get("margin", 0.0))
+    plot_deltas(list(iter_jsonl(run.root / "selection.jsonl")), figures / "delta_by_type.png",
+                run.cfg.select.get("margin", 0.0))
     atomic_write_text(run.root / "report.md", render_markdown(report))
     return report
 

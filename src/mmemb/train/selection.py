@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -164,25 +164,31 @@ def labelled_pairs(pairs: Sequence[Pair], selection_path: str | Path) -> list[Pa
     return out
 
 
-def kept_shares(selection_path: str | Path) -> dict:
-    """Per task kind and rationale type: the share of candidate rationales whose delta > margin."""
-    counts: dict[tuple, list[int]] = {}
-    for r in iter_jsonl(selection_path):
+def kept_counts(rows: Iterable[dict], key: Callable[[dict, dict], Any]) -> dict[Any, list[int]]:
+    """[kept, candidates] per group, ``key(pair_row, candidate)`` naming each candidate's group; kept
+    means delta > margin."""
+    counts: dict[Any, list[int]] = {}
+    for r in rows:
         for c in r["candidates"]:
-            key = (r.get("kind") or "all", c.get("type", "unknown"))
-            n = counts.setdefault(key, [0, 0])
+            n = counts.setdefault(key(r, c), [0, 0])
             n[0] += c["delta"] > r["margin"]
             n[1] += 1
+    return counts
+
+
+def kept_shares(selection_path: str | Path) -> dict:
+    """Per task kind and rationale type: the share of candidate rationales whose delta > margin."""
+    counts = kept_counts(iter_jsonl(selection_path), lambda r, c: (r.get("kind") or "all", c.get("type", "unknown")))
     shares: dict[str, dict[str, float]] = {}
     for (kind, typ), (kept, total) in sorted(counts.items()):
         shares.setdefault(kind, {})[typ] = kept / total
     return shares
 
 
-def deltas_by(selection_path: str | Path, field: str = "type") -> dict[str, np.ndarray]:
+def deltas_by_type(rows: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Candidate deltas grouped as "<task kind>/<rationale type>"."""
     groups: dict[str, list[float]] = {}
-    for r in iter_jsonl(selection_path):
+    for r in rows:
         for c in r["candidates"]:
-            key = f"{r.get('kind') or 'all'}/{c.get(field, 'unknown')}"
-            groups.setdefault(key, []).append(c["delta"])
+            groups.setdefault(f"{r.get('kind') or 'all'}/{c.get('type', 'unknown')}", []).append(c["delta"])
     return {k: np.array(v) for k, v in groups.items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import atomic_write_text, iter_jsonl
-from .selection import deltas_by
+from .selection import deltas_by_type, kept_counts
 
 
 def write_selection_report(selection_path: str | Path, out_prefix: str | Path) -> None:
@@ -18,12 +18,7 @@ def write_selection_report(selection_path: str | Path, out_prefix: str | Path) -
              f"{len(rows)} pairs; a rationale is kept where delta = s(r) - s(no rationale) > margin = {margin}.", ""]
 
     def table(title: str, key) -> None:
-        groups: dict[str, list[int]] = {}
-        for r in rows:
-            for c in r["candidates"]:
-                g = groups.setdefault(key(r, c), [0, 0])
-                g[0] += c["delta"] > r["margin"]
-                g[1] += 1
+        groups = kept_counts(rows, key)
         lines.extend([f"## Kept share per {title}", "", f"| {title} | kept | candidates | share |", "|---|---:|---:|---:|"])
         for name, (kept, total) in sorted(groups.items()):
             lines.append(f"| {name} | {kept} | {total} | {kept / total:.1%} |")
@@ -43,16 +38,17 @@ def write_selection_report(selection_path: str | Path, out_prefix: str | Path) -
     lines += [f"| {t} | {np.mean(v):.1%} |" for t, v in sorted(per_task.items())]
     lines += ["", f"![delta by rationale type]({out_prefix.name}.png)", ""]
     atomic_write_text(out_prefix.with_suffix(".md"), "\n".join(lines))
-    plot_deltas(selection_path, out_prefix.with_suffix(".png"), margin)
+    plot_deltas(rows, out_prefix.with_suffix(".png"), margin)
 
 
-def plot_deltas(selection_path: str | Path, png: str | Path, margin: float) -> None:
+def plot_deltas(rows: list[dict], png: str | Path, margin: float) -> None:
+    """Histograms of the candidates' deltas by rationale type, one panel per task kind."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = deltas_by(selection_path)
+    groups = deltas_by_type(rows)
     kinds = sorted({k.split("/")[0] for k in groups})
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
