@@ -75,17 +75,19 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """All processes' rows of ``x`` concatenated in rank order (sizes may differ), and the sizes.
+def gather_rows(x: torch.Tensor, sizes: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """All processes' rows of ``x`` concatenated in rank order (sizes may differ), and the sizes
+    (pass them when known from an earlier gather of as many rows: saves a collective).
 
     The local slice is ``x`` itself, so gradients flow to it; the other slices are constants.
     """
     if world_size() == 1:
         return x, [x.shape[0]]
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
+    if sizes is None:
+        n = torch.tensor([x.shape[0]], device=x.device)
+        gathered = [torch.zeros_like(n) for _ in range(world_size())]
+        dist.all_gather(gathered, n)
+        sizes = [int(s) for s in gathered]
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
     padded[: x.shape[0]] = x.detach()
     parts = [torch.empty_like(padded) for _ in sizes]
@@ -160,7 +162,7 @@ class JointObjective:
                                               torch.tensor(row_sizes, device=emb.device))
         kind, pair, key = all_meta.unbind(1)
         pair = torch.where(pair >= 0, pair + offsets[rank_of_row], pair)
-        all_emb, _ = gather_rows(emb)
+        all_emb, _ = gather_rows(emb, row_sizes)  # one row of meta per embedding row
         query_key, positive_key = pair_meta[:, 0], pair_meta[:, 1]
         norms = {"pairs": int(pair_meta.shape[0]), "lm_tokens": int(pair_meta[:, 2].sum()),
                  "decisions": int(pair_meta[:, 3].sum())}

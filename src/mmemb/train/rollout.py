@@ -67,9 +67,9 @@ def completion_logprobs(out: ForcedOutput, rollouts: Rollouts, decision_only: bo
     n = rollouts.think.numel()
     device = out.target_logprobs.device
     decision = out.decision_logprob(rollouts.think.to(device))
-    per_row: list[list[torch.Tensor]] = [[decision[i]] for i in range(n)]
     if decision_only:
         return decision.view(-1, 1), torch.ones(n, 1, device=device)
+    per_row: list[list[torch.Tensor]] = [[decision[i]] for i in range(n)]
     for lp, row in zip(out.target_logprobs, out.target_row.tolist()):
         per_row[row].append(lp)
     for i in range(n):

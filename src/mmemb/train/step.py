@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -91,7 +92,7 @@ def plan_rows(batch: LocalBatch, objective: JointObjective, backbone: Backbone) 
         direct += [Row(n, None, TARGET) for p in pairs for n in p.negatives]
     reason = [Row(pairs[i].query, ids, REASON_QUERY, i, decision_target(i)) for i, ids in reason_ids.items()]
     lm_tokens = [len(reason_ids[i]) + 1 if (i in reason_ids and w.lm > 0) else 0 for i in range(len(pairs))]
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=backbone.device)  # noqa: E731
+    as_long = partial(_long_tensor, device=backbone.device)
     meta = PairMeta(query_key=as_long([p.query.key for p in pairs]), positive_key=as_long([p.positive.key for p in pairs]),
                     lm_tokens=as_long(lm_tokens), has_decision=as_long([int(i in decides) for i in range(len(pairs))]))
     return RowPlan(groups=[direct, reason], pairs=meta)
@@ -177,7 +178,7 @@ class TrainStep:
 
     def _row_meta(self, chunks: list[list[Row]]) -> RowMeta:
         rows = [r for c in chunks for r in c]
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.backbone.device)  # noqa: E731
+        as_long = partial(_long_tensor, device=self.backbone.device)
         return RowMeta(kind=as_long([r.kind for r in rows]), pair=as_long([r.pair for r in rows]),
                        key=as_long([r.side.key if r.kind == TARGET else 0 for r in rows]))
 
@@ -214,6 +215,10 @@ class TrainStep:
         terms["loss"] = (w.reason_nce * terms.get("nce_reason", 0.0) + w.direct_nce * terms.get("nce_direct", 0.0)
                          + w.lm * terms.get("lm", 0.0) + w.decision * terms.get("decision", 0.0))
         return StepStats(terms=terms, pairs=norms["pairs"], skipped=int(skipped))
+
+
+def _long_tensor(values: list[int], device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 @contextlib.contextmanager
