@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from ..train.config import ConfigError, set_dotted
+from ..train.config import ConfigError, parse_override, set_dotted
 
 
 def _lm_only() -> dict[str, float]:
@@ -123,11 +123,9 @@ def load_pipeline_config(path: str | Path | None = None, overrides: Sequence[str
         _check_keys(loaded)
         _deep_update(raw, loaded)
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = parse_override(item)
         _check_keys({key.split(".")[0]: None})
-        set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        set_dotted(raw, key, value)
     for key, value in values.items():
         if value is not None:
             raw[key] = value

@@ -153,17 +153,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a recipe is a YAML mapping of keys to values")
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value")
-        set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        set_dotted(raw, *parse_override(item))
     for key, value in values.items():
         set_dotted(raw, key, value)
-    return build(TrainConfig, raw, "").validate()
+    return config_from_dict(raw)
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     return build(TrainConfig, raw, "").validate()
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` from a command line: the key, and the value read as YAML (empty: None)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not key=value")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
 
 
 def build(cls: type, raw: Any, where: str) -> Any:
@@ -182,13 +187,14 @@ def build(cls: type, raw: Any, where: str) -> Any:
                           f"known: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in raw.items():
-        sub = {"loss": LossConfig, "lora": LoraConfig}.get(name) if cls is TrainConfig else None
-        if sub is not None:
-            value = build(sub, value or {}, f"{where}{name}.")
-        elif cls is TrainConfig and name == "datasets":
-            value = [build(DatasetConfig, d, f"datasets.{i}.") for i, d in enumerate(value or [])]
+        hint = hints[name]
+        item = (typing.get_args(hint) or [None])[0] if typing.get_origin(hint) is list else None
+        if dataclasses.is_dataclass(hint):  # a section, e.g. loss, lora
+            value = build(hint, value or {}, f"{where}{name}.")
+        elif dataclasses.is_dataclass(item):  # a list of sections, e.g. datasets
+            value = [build(item, d, f"{where}{name}.{i}.") for i, d in enumerate(value or [])]
         else:
-            value = _coerce(value, hints[name], f"{where}{name}")
+            value = _coerce(value, hint, f"{where}{name}")
         kwargs[name] = value
     return cls(**kwargs)
 

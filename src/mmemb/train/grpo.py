@@ -39,6 +39,7 @@ from ..generation import Reasoner, SamplingConfig
 from ..items import Pair, load_visuals
 from ..prompts import render_prompt
 from ..teacher_forcing import build_forced_batch, forced_forward
+from .config import parse_override
 from .grpo_objective import group_advantages, grpo_loss
 from .losses import info_nce, target_masks
 from .rollout import completion_logprobs, sample_groups
@@ -309,10 +310,10 @@ def plot_rl_log(log_path: Path, png: Path, window: int = 8) -> None:
 def load_rl_config(path: str | Path, overrides: list[str] = ()) -> RLConfig:
     import yaml
 
-    raw = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {} if path else {}
     raw = raw.get("rl", raw)
     for item in overrides:
-        key, _, value = item.partition("=")
-        raw[key] = yaml.safe_load(value)
+        key, value = parse_override(item)
+        raw[key] = value
     return RLConfig(**raw)
 
