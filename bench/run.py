@@ -79,7 +79,7 @@ def measure_encode(tiny, model: str, benchmark: str) -> dict:
     def encode(mode: str) -> None:
         last[mode] = e.encode(mix, mode=mode, batch_size=32, max_reasoning_tokens=64)
 
-    t = median_times({m: (lambda m=m: encode(m)) for m in ("direct", "auto", "reason")}, repeats=3)
+    t = median_times({m: (lambda m=m: encode(m)) for m in ("direct", "auto", "reason")}, repeats=7)
     auto, reason = last["auto"], last["reason"]
     return {
         "auto_no_think_over_direct": out["auto_no_think_over_direct"],
