@@ -12,12 +12,13 @@ import numpy as np
 
 def tiny_embedder(arch: str = "qwen3_vl", folder: str | None = None, size: str = "tiny"):
     from mmemb import Embedder
-    from mmemb.tiny import build_tiny_backbone
+    from mmemb.data.minimmeb import tokenizer_corpus
+    from mmemb.model.tiny import build_tiny_backbone
 
     folder = folder or tempfile.mkdtemp(prefix="mmemb-bench-")
     path = Path(folder) / (arch if size == "tiny" else f"{arch}-{size}")
     if not (path / "config.json").exists():
-        build_tiny_backbone(arch, path, size=size)
+        build_tiny_backbone(arch, path, corpus=tokenizer_corpus(), size=size)
     return Embedder.from_pretrained(str(path))
 
 

@@ -23,9 +23,9 @@ from common import median_times  # noqa: E402
 def setup(folder: Path, batch: int):
     import torch
 
-    from mmemb.backbone import load_backbone
-    from mmemb.data.minimmeb import BuildConfig, build
-    from mmemb.tiny import build_tiny_backbone
+    from mmemb.data.minimmeb import BuildConfig, build, tokenizer_corpus
+    from mmemb.model.backbone import load_backbone
+    from mmemb.model.tiny import build_tiny_backbone
     from mmemb.train.config import load_config
     from mmemb.train.data import BatchPlan, StepLoader, open_sources
     from mmemb.train.trainer import build_accelerator
@@ -33,7 +33,7 @@ def setup(folder: Path, batch: int):
     easy = ("DigitClass", "DigitCaption-I2T", "DigitCaption-T2I", "DigitGround")
     bench = build(folder / "minimmeb", BuildConfig(seed=0, train_pairs=8 * batch, val_queries=0, test_queries=1,
                                                    tasks=easy))
-    model = build_tiny_backbone("qwen3_vl", folder / "tiny")
+    model = build_tiny_backbone("qwen3_vl", folder / "tiny", corpus=tokenizer_corpus())
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny-minimmeb.yaml", [
         f"model={model}", f"output_dir={folder / 'run'}", f"datasets=[{bench}]", f"batch_size={batch}",
         "one_dataset_per_batch=false", "hard_negatives=0", "loss.reason_nce=0", "loss.lm=0", "loss.decision=0"])

@@ -156,7 +156,7 @@ def main() -> None:
 
     import torch
 
-    from mmemb.embedder import REASONING_MODES
+    from mmemb.model.embedder import REASONING_MODES
 
     torch.manual_seed(0)
     if args.torch_threads:  # the same in both: on a busy machine, CPU threads change throughput several-fold

@@ -67,9 +67,9 @@ def test_mix(benchmark: str, per_task: int = 32):
 
 
 def measure_encode(tiny, model: str, benchmark: str) -> dict:
-    from mmemb import Embedder
-
     from encode_ratios import measure as ratios
+
+    from mmemb import Embedder
 
     out = ratios(tiny, mixed_items(64))
     e = Embedder.from_pretrained(model)
@@ -110,9 +110,9 @@ def measure_eval(model: str, benchmark: str) -> dict:
 def measure_selection(model: str, benchmark: str) -> dict:
     from mmemb import Embedder
     from mmemb.data.pairs import read_pairs
-    from mmemb.train.rationales import load_rationales, run_rationales
-    from mmemb.train.selection import SelectionConfig, select
-    from mmemb.train.teachers import make_teacher
+    from mmemb.method.rationales import load_rationales, run_rationales
+    from mmemb.method.selection import SelectionConfig, select
+    from mmemb.method.teachers import make_teacher
 
     pairs = [p for p in read_pairs(benchmark) if p.dataset in ("DigitSum", "DigitCaption-I2T")][:64]
     e = Embedder.from_pretrained(model)

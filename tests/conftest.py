@@ -15,10 +15,12 @@ ARCHES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory):
-    from mmemb.tiny import build_tiny_backbone
+    from mmemb.data.minimmeb import tokenizer_corpus
+    from mmemb.model.tiny import build_tiny_backbone
 
     root = tmp_path_factory.mktemp("backbones")
-    return {arch: str(build_tiny_backbone(arch, root / arch, seed=1)) for arch in ARCHES}
+    corpus = tokenizer_corpus()
+    return {arch: str(build_tiny_backbone(arch, root / arch, corpus=corpus, seed=1)) for arch in ARCHES}
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ compare with one process on the concatenated batch.
 import sys
 
 import torch
-
 from step_check import step_results  # run as a script: its own folder is on sys.path
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from mmemb.backbone import load_backbone
+from mmemb.model.backbone import load_backbone
+from mmemb.train import step as step_module
 from mmemb.train.config import load_config
 from mmemb.train.data import BatchPlan, StepLoader, open_sources
-from mmemb.train import step as step_module
 from mmemb.train.losses import JointObjective
 from mmemb.train.params import configure_parameters
 from mmemb.train.step import Encoder, TrainStep

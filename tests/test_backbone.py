@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mmemb import Embedder, Item
-from mmemb.backbone import BackboneNotFound, load_backbone
-from mmemb.prompts import render_prompt
+from mmemb.model.backbone import BackboneNotFound, load_backbone
+from mmemb.model.prompts import render_prompt
 
 from .conftest import ARCHES, random_image
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from mmemb.encode_job import read_items, run_encode
+from mmemb.jobs.encode import read_items, run_encode
 
 from .conftest import random_image
 

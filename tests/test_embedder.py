@@ -8,7 +8,7 @@ import torch
 
 from mmemb import Embedder, Item
 from mmemb.items import load_visuals
-from mmemb.prompts import render_prompt
+from mmemb.model.prompts import render_prompt
 
 from .conftest import ARCHES
 from .embed_checks import assert_auto_matches_own_modes

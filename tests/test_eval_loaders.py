@@ -8,9 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from .eval_fixtures import write_image, write_jsonl, write_minimmeb
 from mmemb.data.loaders import DataNotFound, load_task, sample_frames
 from mmemb.data.mmeb import MMEB_V2, resolve_tasks
+
+from .eval_fixtures import write_image, write_jsonl, write_minimmeb
 
 
 def test_image_rows_placeholder_instruction_split_positive_first_and_parquet(tmp_path):
@@ -144,10 +145,10 @@ def test_hub_rows_when_reachable(monkeypatch):
     """Where the hub answers, BEIR splits come from `datasets.load_dataset` (faked here)."""
     import datasets
 
-    import mmemb.backbone
+    import mmemb.hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(mmemb.backbone, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(mmemb.hub, "hub_reachable", lambda timeout=3.0: True)
     tables = {"queries": [{"query-id": "1", "query": "q"}], "corpus": [{"corpus-id": "d", "image": b"png"}],
               "qrels": [{"query-id": "1", "corpus-id": "d", "score": 1}]}
     calls = []

@@ -7,9 +7,10 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
-from .eval_fixtures import write_minimmeb
 from mmemb.cli import app
 from mmemb.data.mmeb import MMEB_V2, TaskSelectionError, resolve_tasks
+
+from .eval_fixtures import write_minimmeb
 
 ISSUE_NAMES = {
     "image-classification": "ImageNet-1K N24News HatefulMemes VOC2007 SUN397 Place365 ImageNet-A ImageNet-R ObjectNet "

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .eval_fixtures import write_image, write_minimmeb
 from mmemb.data.loaders import rows_task
 from mmemb.data.mmeb import TaskInfo
 from mmemb.eval import metrics as M
 from mmemb.eval.runner import EvalError, evaluate
+
+from .eval_fixtures import write_image, write_minimmeb
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -8,8 +8,9 @@ import torch
 from mmemb import Embedder
 from mmemb.data.pairs import read_pairs
 from mmemb.items import load_visuals
-from mmemb.prompts import render_prompt
-from mmemb.train.gate import GateTrainConfig, gate_features, load_gate, train_gate
+from mmemb.method.gate_training import GateTrainConfig, train_gate
+from mmemb.model.gate import gate_features, load_gate
+from mmemb.model.prompts import render_prompt
 
 from .embed_checks import assert_auto_matches_own_modes
 
@@ -55,7 +56,7 @@ def test_gate_features_put_image_features_in_place(embedders, mixed_items):
 
 
 def test_gate_decision_does_not_depend_on_batch_padding(embedders, mixed_items):
-    from mmemb.train.gate import GateConfig, ReasoningGate
+    from mmemb.model.gate import GateConfig, ReasoningGate
 
     bb = embedders["qwen3_vl"].backbone
     torch.manual_seed(0)

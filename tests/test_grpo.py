@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from mmemb.backbone import load_backbone
-from mmemb.embedder import Embedder
 from mmemb.fileio import read_jsonl
-from mmemb.train.grpo import RLConfig, run_rl
+from mmemb.method.grpo import RLConfig, run_rl
+from mmemb.model.backbone import load_backbone
+from mmemb.model.embedder import Embedder
 
 
 def _cfg(tiny_path, minimmeb_small, out, **kw):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mmemb.train.grpo_objective import group_advantages, grpo_loss
+from mmemb.method.grpo_objective import group_advantages, grpo_loss
 
 
 def test_group_advantages_by_hand():
@@ -50,7 +50,7 @@ def test_grpo_loss_by_hand():
 
 
 def test_reciprocal_rank_reward():
-    from mmemb.train.grpo import retrieval_reward
+    from mmemb.method.grpo import retrieval_reward
 
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     targets = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]])

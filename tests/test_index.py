@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from mmemb.cli import app
-from mmemb.encode_job import read_items
-from mmemb.index import IndexConfig, VectorIndex
-from mmemb.index_job import add_to_index, build_index, search
+from mmemb.index.store import IndexConfig, VectorIndex
+from mmemb.jobs.encode import read_items
+from mmemb.jobs.index import add_to_index, build_index, search
 
 from .conftest import random_image
 

@@ -100,7 +100,7 @@ def test_full_scale_recipe_has_the_same_keys_and_parses():
         values = cfg.stage_train(stage)
         values.update(model="m", output_dir="o", datasets=[{"path": "d"}])
         assert config_from_dict(values).lora.enabled
-    from mmemb.train.teachers import parse_spec
+    from mmemb.method.teachers import parse_spec
 
     assert all(parse_spec(t)[0] == "openai" for t in cfg.rationales["teachers"])
 

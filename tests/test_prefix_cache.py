@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from mmemb.items import load_visuals
-from mmemb.prefix_cache import embed_tails, prefill
-from mmemb.prompts import render_prompt
-from mmemb.teacher_forcing import build_forced_batch, forced_forward, rationale_ids
+from mmemb.model.prefix_cache import embed_tails, prefill
+from mmemb.model.prompts import render_prompt
+from mmemb.model.teacher_forcing import build_forced_batch, forced_forward, rationale_ids
 
 
 def test_tails_on_a_shared_prefill_match_full_passes(embedders, mixed_items):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mmemb.generation import Reasoner, SamplingConfig
 from mmemb.items import load_visuals
-from mmemb.prompts import render_prompt
-from mmemb.teacher_forcing import build_forced_batch, forced_forward
-from mmemb.train.rollout import completion_logprobs, sample_groups
+from mmemb.method.rollout import completion_logprobs, sample_groups
+from mmemb.model.generation import Reasoner, SamplingConfig
+from mmemb.model.prompts import render_prompt
+from mmemb.model.teacher_forcing import build_forced_batch, forced_forward
 
 
 def test_rollouts_match_teacher_forcing(embedders, mixed_items):

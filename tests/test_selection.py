@@ -8,9 +8,9 @@ import pytest
 
 from mmemb.data.pairs import read_pairs
 from mmemb.fileio import read_jsonl
-from mmemb.train.rationales import load_rationales, run_rationales
-from mmemb.train.selection import SelectionConfig, kept_shares, labelled_pairs, select
-from mmemb.train.teachers import make_teacher, parse_spec
+from mmemb.method.rationales import load_rationales, run_rationales
+from mmemb.method.selection import SelectionConfig, kept_shares, labelled_pairs, select
+from mmemb.method.teachers import make_teacher, parse_spec
 
 
 def test_teacher_specs():

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from mmemb.items import load_visuals
-from mmemb.prompts import render_prompt
-from mmemb.teacher_forcing import build_forced_batch, forced_forward, rationale_ids
+from mmemb.model.prompts import render_prompt
+from mmemb.model.teacher_forcing import build_forced_batch, forced_forward, rationale_ids
 
 
 def _batch(e, items, rationales):

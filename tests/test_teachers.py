@@ -7,8 +7,8 @@ import pytest
 
 from mmemb.data.pairs import read_pairs
 from mmemb.fileio import read_jsonl
-from mmemb.train.rationales import run_rationales
-from mmemb.train.teachers import EndpointTeacher, LocalTeacher, make_teacher
+from mmemb.method.rationales import run_rationales
+from mmemb.method.teachers import EndpointTeacher, LocalTeacher, make_teacher
 
 from .chat_server import BackgroundServer, make_app
 

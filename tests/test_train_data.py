@@ -10,6 +10,7 @@ import yaml
 
 from mmemb.train.config import ConfigError, DatasetConfig, load_config
 from mmemb.train.data import BatchPlan, PairSource, StepLoader, open_sources
+
 from .train_helpers import write_mixed, write_pairs
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -24,6 +24,7 @@ from mmemb.train.checkpoint import checkpoint_step, latest_checkpoint, list_chec
 from mmemb.train.config import load_config
 from mmemb.train.step import TrainStep
 from mmemb.train.trainer import Trainer, TrainingDiverged, train
+
 from .train_helpers import write_pairs
 
 HERE = Path(__file__).resolve().parent

@@ -1,9 +1,8 @@
 """mmemb: multimodal embeddings from a multimodal LLM that reasons only when reasoning helps."""
 
-from .embedder import Embedder, Encoded
+from ._version import __version__
 from .items import Item, Pair, RankingTask
-
-__version__ = "0.1.0"
+from .model.embedder import Embedder, Encoded
 
 
 def load_embedder(path: str, **opts) -> Embedder:

@@ -30,9 +30,10 @@ def init_backbone(
     seed: int = typer.Option(0),
 ):
     """Build a randomly initialised backbone of a real Qwen-VL class, offline, loadable with Auto* classes."""
-    from .tiny import build_tiny_backbone
+    from .data.minimmeb import tokenizer_corpus
+    from .model.tiny import build_tiny_backbone
 
-    lines = corpus.read_text(encoding="utf-8").splitlines() if corpus else None
+    lines = corpus.read_text(encoding="utf-8").splitlines() if corpus else tokenizer_corpus()
     path = build_tiny_backbone(arch, out, size=size, corpus=lines, vocab_size=vocab_size, seed=seed)
     typer.echo(f"wrote {arch} ({size}) backbone to {path}")
 
@@ -53,8 +54,8 @@ def encode(
     dtype: str = typer.Option("auto"),
 ):
     """Encode items from a JSONL file (resumable: rerun after a kill to continue)."""
-    from .embedder import Embedder
-    from .encode_job import run_encode
+    from .jobs.encode import run_encode
+    from .model.embedder import Embedder
 
     start = time.perf_counter()
     embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
@@ -135,7 +136,7 @@ def serve(
     log_level: str = typer.Option("info"),
 ):
     """Serve an OpenAI-compatible embedding API (POST /v1/embeddings, GET /v1/models, GET /health)."""
-    from .embedder import Embedder
+    from .model.embedder import Embedder
     from .serve import create_app, run_server
 
     settings = ServeSettings(
@@ -173,9 +174,9 @@ def index_build(
     dtype: str = typer.Option("auto"),
 ):
     """Encode a JSONL corpus into a new index (resumable: rerun after a kill to continue)."""
-    from .embedder import Embedder
-    from .index import IndexConfig
-    from .index_job import build_index
+    from .index.store import IndexConfig
+    from .jobs.index import build_index
+    from .model.embedder import Embedder
 
     embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
     with _user_errors():
@@ -196,9 +197,9 @@ def index_add(
     dtype: str = typer.Option("auto"),
 ):
     """Add items to an existing index; earlier items keep their ids, duplicate ids are refused."""
-    from .embedder import Embedder
-    from .index import VectorIndex
-    from .index_job import add_to_index
+    from .index.store import VectorIndex
+    from .jobs.index import add_to_index
+    from .model.embedder import Embedder
 
     with _user_errors():
         recorded = VectorIndex.load(index).config.model
@@ -224,10 +225,10 @@ def search(
     dtype: str = typer.Option("auto"),
 ):
     """Print the best matches of a query (rank, score, id, text) and the query's rationale if it reasoned."""
-    from .embedder import REASONING_MODES, Embedder
-    from .index import VectorIndex
-    from .index_job import search as run_search
+    from .index.store import VectorIndex
     from .items import Item
+    from .jobs.index import search as run_search
+    from .model.embedder import REASONING_MODES, Embedder
 
     if query is None and image is None:
         raise typer.BadParameter("give --query, --image or both")
@@ -345,8 +346,8 @@ def eval_(
     """Evaluate a model on benchmark tasks (MiniMMEB or MMEB-V2): Hit@1 / NDCG@5 and friends, resumable."""
     from .data.loaders import DataNotFound
     from .data.mmeb import TaskSelectionError, resolve_tasks
-    from .embedder import Embedder
     from .eval.runner import EvalError, evaluate
+    from .model.embedder import Embedder
 
     try:
         selected = resolve_tasks(tasks, data)
@@ -408,10 +409,9 @@ def rationales(
 ):
     """K candidate rationales per training query from one or more teachers (resumable)."""
     from .data.pairs import read_pairs
-    from .train.rationales import run_rationales
-    from .train.teachers import make_teacher
-
-    from .backbone import load_tokenizer
+    from .method.rationales import run_rationales
+    from .method.teachers import make_teacher
+    from .model.backbone import load_tokenizer
 
     tok = load_tokenizer(tokenizer) if tokenizer else None
     stats = run_rationales(read_pairs(data), [make_teacher(t, seed=seed) for t in teacher], k, out, tokenizer=tok,
@@ -434,11 +434,11 @@ def select(
 ):
     """Counterfactual pair-aware selection: label each pair reason (with its best rationale) or direct."""
     from .data.pairs import read_pairs
-    from .embedder import Embedder
-    from .train.rationales import load_rationales
-    from .train.selection import SelectionConfig
-    from .train.selection import select as run_select
-    from .train.selection_report import write_selection_report
+    from .method.rationales import load_rationales
+    from .method.selection import SelectionConfig
+    from .method.selection import select as run_select
+    from .method.selection_report import write_selection_report
+    from .model.embedder import Embedder
 
     cfg = SelectionConfig(margin=margin, temperature=temperature, sampled_negatives=sampled_negatives,
                           reuse_prompt=not no_prompt_reuse, seed=seed)
@@ -456,7 +456,7 @@ def rl(
     no_resume: bool = typer.Option(False, help="Start over instead of resuming from OUT/last."),
 ):
     """GRPO on the think / no-think decision, from the joint checkpoint (model=..., out=..., data=[...])."""
-    from .train.grpo import load_rl_config, run_rl
+    from .method.grpo import load_rl_config, run_rl
 
     cfg = load_rl_config(config, ctx.args)
     if not cfg.model or not cfg.data:
@@ -476,10 +476,10 @@ def gate(
     """Train the plug-in reasoning gate on the counterfactual labels; prints held-out accuracy."""
     import json
 
-    from .backbone import load_backbone
     from .data.pairs import read_pairs
-    from .train.gate import GateTrainConfig, train_gate
-    from .train.selection import labelled_pairs
+    from .method.gate_training import GateTrainConfig, train_gate
+    from .method.selection import labelled_pairs
+    from .model.backbone import load_backbone
 
     trained, metrics = train_gate(load_backbone(model), labelled_pairs(read_pairs(pairs), selection),
                                   GateTrainConfig(epochs=epochs, seed=seed), show_progress=True)

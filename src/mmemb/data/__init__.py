@@ -1,0 +1,3 @@
+"""Datasets: MiniMMEB (the embedded benchmark), the MMEB-V2 task registry and its loaders, and
+training pairs on disk.
+"""

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..fileio import iter_jsonl
+from ..hub import hub_offline
 from ..items import Item, RankingTask
 from .mmeb import IMAGE, VIDEO, VISDOC, TaskInfo
 
@@ -315,11 +316,9 @@ def _task_meta(info: TaskInfo) -> dict[str, Any]:
 # ---- the hub -----------------------------------------------------------------------------------
 def _hub_split(info: TaskInfo, local_hint: str, config: str | None = None, split: str | None = None):
     """Rows from the hub, or a fast, clear failure when it cannot be reached."""
-    from ..backbone import _hub_reachable
-
     repo, default_config, default_split = info.hub
     config = config if config is not None else default_config
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+    if hub_offline():
         raise DataNotFound(
             f"{info.name}: no local copy found and the Hugging Face hub cannot be reached from here. "
             f"Download {repo} where the hub is reachable (`hf download {repo} --repo-type dataset`), "

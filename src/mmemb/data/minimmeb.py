@@ -20,9 +20,15 @@ from PIL import Image
 from ..fileio import atomic_dir, read_json, write_json, write_jsonl
 from ..items import Item, Pair
 from . import minimmeb_tasks as T
+from .minimmeb_teacher import FORMAT_ONLY_TEXTS
 
 CELL = 16  # pixels per digit cell: one merged vision token for patch 8 x merge 2
 SPLITS = {"train": 0.6, "val": 0.1, "test": 0.3}
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text for a tiny backbone's tokenizer: the benchmark's vocabulary plus the chat roles."""
+    return T.corpus_lines() + FORMAT_ONLY_TEXTS * 10 + ["system", "user", "assistant"] * 20
 
 
 @dataclass

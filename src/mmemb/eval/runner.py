@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 
 from ..data.loaders import load_task
 from ..data.mmeb import TaskInfo, resolve_tasks
-from ..embedder import MODES, Embedder
 from ..fileio import atomic_write_bytes, atomic_write_text, fingerprint, read_json, write_json, write_jsonl
 from ..items import RankingTask
+from ..model.embedder import MODES, Embedder
 from . import metrics as M
 from .cache import DEFAULT_CACHE, EmbeddingCache, gate_fingerprint, item_digest, model_fingerprint
 from .summary import aggregate, render_markdown

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..fileio import atomic_write_text, iter_jsonl, read_json, write_json
-from .stages import Run, task_kinds
+from .layout import Run, task_kinds
 
 SYSTEMS = ("direct", "always", "adaptive", "gate")
 LABELS = {"direct": "direct-only model (same training budget)", "always": "always reason",
@@ -57,7 +57,7 @@ def build_report(run: Run) -> dict[str, Any]:
 
 
 def _kept(run: Run) -> dict[str, dict[str, float]]:
-    from ..train.selection import kept_shares
+    from ..method.selection import kept_shares
 
     shares = kept_shares(run.root / "selection.jsonl")
     return {kind: shares.get(kind, {}) for kind in ("compositional", "easy")}
@@ -154,7 +154,7 @@ def write_report(run: Run) -> dict[str, Any]:
     plot_hit1_by_meta_task(run, report, figures / "hit1_by_meta_task.png")
     plot_invocation(report, figures / "invocation_by_task.png")
     plot_tradeoff(report, figures / "accuracy_vs_tokens.png")
-    from ..train.selection_report import plot_deltas
+    from ..method.selection_report import plot_deltas
 
     plot_deltas(list(iter_jsonl(run.root / "selection.jsonl")), figures / "delta_by_type.png",
                 run.cfg.select.get("margin", 0.0))

@@ -22,7 +22,8 @@ import yaml
 
 from ..fileio import read_json, write_json
 from .config import PipelineConfig
-from .stages import DEPENDS, OUTPUTS, STAGES, Run
+from .layout import Run
+from .stages import DEPENDS, OUTPUTS, STAGES
 
 ORDER = list(STAGES)
 

@@ -14,70 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..data.pairs import read_pairs
-from ..fileio import write_json, write_jsonl
+from ..fileio import write_json
 from ..items import Pair
 from .config import PipelineConfig
-
-
-class Run:
-    """Paths and shared helpers of one pipeline run."""
-
-    def __init__(self, cfg: PipelineConfig):
-        self.cfg = cfg
-        self.root = Path(cfg.out)
-
-    @property
-    def benchmark(self) -> Path:
-        return Path(self.cfg.benchmark) if self.cfg.benchmark else self.root / "minimmeb"
-
-    def model(self, stage: str) -> Path:
-        return self.root / stage / "model"
-
-    @property
-    def start_model(self) -> Path:
-        """Where the method starts: the given checkpoint, or the pretrained tiny backbone."""
-        return Path(self.cfg.model) if self.cfg.model else self.model("pretrain")
-
-    def pairs_dir(self, name: str) -> Path:
-        return self.root / "pairs" / name
-
-    def write_pairs(self, name: str, pairs: list[Pair]) -> Path:
-        """One file per dataset (each is a dataset of the trainer's mixture); absolute image paths."""
-        folder = self.pairs_dir(name)
-        by_dataset: dict[str, list[dict]] = {}
-        for p in pairs:
-            by_dataset.setdefault(p.dataset, []).append(p.to_json())
-        for dataset, rows in by_dataset.items():
-            write_jsonl(folder / f"{dataset}.jsonl", rows)
-        return folder
-
-    def read_pairs(self, name: str) -> list[Pair]:
-        return read_pairs(str(self.pairs_dir(name) / "*.jsonl"))
-
-    @property
-    def is_minimmeb(self) -> bool:
-        return not self.cfg.train_data or self.cfg.eval_tasks.startswith("minimmeb")
-
-    def load(self, model: Path, gate=None):
-        from ..embedder import Embedder
-
-        return Embedder.from_pretrained(str(model), gate=gate, device=self.cfg.device, dtype=self.cfg.dtype)
-
-    def subset(self) -> list[Pair]:
-        """The method's training pairs: ``method_pairs`` spread evenly over the datasets, seeded."""
-        if not self.pairs_dir("subset").is_dir():
-            pairs = read_pairs(self.cfg.train_data or self.benchmark)
-            by_task: dict[str, list[Pair]] = {}
-            for p in pairs:
-                by_task.setdefault(p.dataset, []).append(p)
-            rng = random.Random(self.cfg.seed)
-            per_task = -(-self.cfg.method_pairs // len(by_task)) if self.cfg.method_pairs else None
-            chosen = []
-            for task in sorted(by_task):
-                group = by_task[task]
-                chosen += rng.sample(group, min(per_task, len(group))) if per_task else group
-            self.write_pairs("subset", chosen)
-        return self.read_pairs("subset")
+from .layout import Run
 
 
 # ---- training stages ------------------------------------------------------------------------
@@ -149,10 +89,12 @@ def stage_data(run: Run) -> None:
 
 
 def stage_backbone(run: Run) -> None:
-    from ..tiny import build_tiny_backbone
+    from ..data.minimmeb import tokenizer_corpus
+    from ..model.tiny import build_tiny_backbone
 
     if not run.cfg.model:
-        build_tiny_backbone(run.cfg.backbone["arch"], run.root / "backbone", size=run.cfg.backbone.get("size", "tiny"),
+        build_tiny_backbone(run.cfg.backbone["arch"], run.root / "backbone", corpus=tokenizer_corpus(),
+                            size=run.cfg.backbone.get("size", "tiny"),
                             seed=run.cfg.seed)
 
 
@@ -170,9 +112,9 @@ def stage_pretrain(run: Run) -> None:
 
 
 def stage_rationales(run: Run) -> None:
-    from ..backbone import load_tokenizer
-    from ..train.rationales import run_rationales
-    from ..train.teachers import make_teacher
+    from ..method.rationales import run_rationales
+    from ..method.teachers import make_teacher
+    from ..model.backbone import load_tokenizer
 
     spec = run.cfg.rationales
     teachers = [make_teacher(t, seed=run.cfg.seed) for t in spec["teachers"]]
@@ -181,16 +123,16 @@ def stage_rationales(run: Run) -> None:
 
 
 def stage_warmup(run: Run) -> None:
-    from ..train.rationales import load_rationales
+    from ..method.rationales import load_rationales
 
     pairs = candidate_pairs(run.subset(), load_rationales(run.root / "rationales.jsonl"), run.cfg.seed)
     train_stage(run, "warmup", run.start_model, run.write_pairs("warmup", pairs))
 
 
 def stage_select(run: Run) -> None:
-    from ..train.rationales import load_rationales
-    from ..train.selection import SelectionConfig, select
-    from ..train.selection_report import write_selection_report
+    from ..method.rationales import load_rationales
+    from ..method.selection import SelectionConfig, select
+    from ..method.selection_report import write_selection_report
 
     opts = dict(run.cfg.select)
     opts.setdefault("temperature", run.cfg.stage_train("joint")["loss"]["temperature"])
@@ -201,7 +143,7 @@ def stage_select(run: Run) -> None:
 
 
 def stage_joint(run: Run) -> None:
-    from ..train.selection import labelled_pairs
+    from ..method.selection import labelled_pairs
 
     pairs = labelled_pairs(run.subset(), run.root / "selection.jsonl")
     train_stage(run, "joint", run.model("warmup"), run.write_pairs("joint", pairs))
@@ -209,7 +151,7 @@ def stage_joint(run: Run) -> None:
 
 def stage_blind(run: Run) -> None:
     """The ablation: joint training on all candidate rationales, without selection."""
-    from ..train.rationales import load_rationales
+    from ..method.rationales import load_rationales
 
     if not run.cfg.blind.get("enabled"):
         return
@@ -232,7 +174,7 @@ def stage_baseline(run: Run) -> None:
 
 
 def stage_rl(run: Run) -> None:
-    from ..train.grpo import RLConfig, run_rl
+    from ..method.grpo import RLConfig, run_rl
 
     opts = dict(run.cfg.rl)
     opts.setdefault("device", run.cfg.device)
@@ -244,8 +186,8 @@ def stage_rl(run: Run) -> None:
 
 
 def stage_gate(run: Run) -> None:
-    from ..backbone import load_backbone
-    from ..train.gate import GateTrainConfig, train_gate
+    from ..method.gate_training import GateTrainConfig, train_gate
+    from ..model.backbone import load_backbone
 
     pairs = run.read_pairs("joint")
     gate, metrics = train_gate(load_backbone(run.model("rl"), device=run.cfg.device, dtype=run.cfg.dtype), pairs,
@@ -268,9 +210,9 @@ def systems(run: Run) -> dict[str, tuple[Path, str, bool]]:
 
 
 def stage_eval(run: Run) -> None:
-    from ..embedder import Embedder
     from ..eval.runner import evaluate
-    from ..train.gate import load_gate
+    from ..model.embedder import Embedder
+    from ..model.gate import load_gate
 
     opts = {k: v for k, v in run.cfg.eval.items() if k != "sweep"}
     data = run.cfg.eval_data or str(run.benchmark)
@@ -320,10 +262,3 @@ OUTPUTS: dict[str, list[str]] = {
     "gate": ["gate", "gate_metrics.json"], "baseline": ["baseline", "pairs/baseline"], "eval": ["eval"],
     "report": ["report.md", "report.json", "report"],
 }
-
-
-def task_kinds(run: Run) -> dict[str, str]:
-    from ..data.minimmeb import manifest
-
-    return {t: v["kind"] for t, v in manifest(run.benchmark)["tasks"].items()}
-

@@ -16,13 +16,12 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..embedder import REASONING_MODES, Encoded
+from .._version import __version__
+from ..model.embedder import REASONING_MODES, Encoded
 from .batcher import BatcherClosed, BatcherFull, DynamicBatcher
 from .errors import APIError
 from .inputs import SourcePolicy, UrlFetcher, load_images, parse_input, resolve_sources
 from .settings import ServeSettings
-
 
 LARGE_BYTES = 1 << 20
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from ..embedder import Encoded
 from ..items import Item, ItemError
+from ..model.embedder import Encoded
 
 
 class BatcherClosed(RuntimeError):

@@ -1,7 +1,7 @@
-"""Training: the contrastive / joint trainer (``train``, ``Trainer``), and the method's stages.
+"""The generic contrastive engine: config, data mixture, losses, the GradCache step, the trainer,
+checkpoints (accelerate: DDP / FSDP / DeepSpeed). It knows nothing of the method's stages.
 
-``from mmemb.train import train, Trainer, load_config`` loads the trainer on first use, so that
-importing one stage's module (``mmemb.train.gate``, ...) does not import the others.
+``from mmemb.train import train, Trainer, load_config`` loads the trainer on first use.
 """
 
 _TRAINER = {"train", "Trainer", "TrainingDiverged", "RunExists"}

@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..backbone import load_backbone
 from ..fileio import atomic_dir, read_json, write_json
+from ..model.backbone import load_backbone
 from .config import TrainConfig
 
 STATE_DIR = "trainer_state"

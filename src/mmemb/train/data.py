@@ -23,7 +23,7 @@ import torch
 
 from ..data.pairs import pair_files, pair_root
 from ..items import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Item, ItemError, Pair, load_visuals
-from ..prompts import render_prompt
+from ..model.prompts import render_prompt
 from .config import DatasetConfig
 
 LABELS = {"reason": 1, "direct": 0}  # pair.label -> decision target; anything else: no decision loss

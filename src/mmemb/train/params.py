@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..backbone import Backbone
+from ..model.backbone import Backbone
 from .config import TrainConfig
 
 

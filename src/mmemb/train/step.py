@@ -2,7 +2,7 @@
 
 The rows a step embeds (direct queries, teacher-forced reasoning queries, targets) are laid out
 by :func:`plan_rows` and cut into chunks; every model pass is a
-:func:`~mmemb.teacher_forcing.forced_forward` through :class:`Encoder`, so each step (plain) or
+:func:`~mmemb.model.teacher_forcing.forced_forward` through :class:`Encoder`, so each step (plain) or
 each chunk (GradCache) is exactly one forward of the wrapped module, as DDP/FSDP want.
 
 GradCache (Gao et al., 2021): forward every chunk without gradients, compute the contrastive loss
@@ -24,14 +24,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbone import Backbone
 from ..items import Item
-from ..prompts import render_prompt
-from ..teacher_forcing import ForcedBatch, ForcedOutput, build_forced_batch, forced_forward, rationale_ids
+from ..model.backbone import Backbone
+from ..model.prompts import render_prompt
+from ..model.teacher_forcing import ForcedBatch, ForcedOutput, build_forced_batch, forced_forward, rationale_ids
 from .data import LocalBatch, Side
-from .losses import (DIRECT_QUERY, DUMMY, REASON_QUERY, TARGET, ContrastiveResult, JointObjective, PairMeta, RowMeta,
-                     max_across, sum_across)
-
+from .losses import (
+    DIRECT_QUERY,
+    DUMMY,
+    REASON_QUERY,
+    TARGET,
+    ContrastiveResult,
+    JointObjective,
+    PairMeta,
+    RowMeta,
+    max_across,
+    sum_across,
+)
 
 # The plain step embeds a group in forwards of at most this many rows, sorted by length (less
 # padding); all of them inside one call of the wrapped module, before one backward.

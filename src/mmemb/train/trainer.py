@@ -16,10 +16,19 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..backbone import load_backbone
 from ..fileio import write_json
-from .checkpoint import (STATE_DIR, checkpoint_step, export_model, latest_checkpoint, list_checkpoints,
-                         save_checkpoint, save_final, shared_atomic_dir, trainable_weights_only)
+from ..model.backbone import load_backbone
+from .checkpoint import (
+    STATE_DIR,
+    checkpoint_step,
+    export_model,
+    latest_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+    save_final,
+    shared_atomic_dir,
+    trainable_weights_only,
+)
 from .config import TrainConfig, load_config
 from .data import BatchPlan, StepLoader, local_batches, open_sources
 from .feedback import TrainLog, plot_losses

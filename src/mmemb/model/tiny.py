@@ -77,23 +77,19 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 640, think_tokens: 
     return qwen_tok
 
 
-def default_corpus() -> list[str]:
-    """Text from the project's own benchmark vocabulary (MiniMMEB) plus the chat roles."""
-    from .data.minimmeb_tasks import corpus_lines
-    from .data.minimmeb_teacher import FORMAT_ONLY_TEXTS
-
-    return corpus_lines() + FORMAT_ONLY_TEXTS * 10 + ["system", "user", "assistant"] * 20
-
-
 def build_tiny_backbone(
     arch: str,
     out: str | Path,
+    *,
+    corpus: Iterable[str],
     size: str = "tiny",
-    corpus: Iterable[str] | None = None,
     vocab_size: int = 640,
     seed: int = 0,
 ) -> Path:
-    """Build, save and return the folder of a randomly initialised backbone of ``arch``."""
+    """Build, save and return the folder of a randomly initialised backbone of ``arch``.
+
+    The tokenizer is trained on ``corpus`` (MiniMMEB's: :func:`mmemb.data.minimmeb.tokenizer_corpus`).
+    """
     from transformers import Qwen2VLImageProcessor
 
     if arch not in ARCHES:
@@ -104,7 +100,7 @@ def build_tiny_backbone(
     out = Path(out)
     torch.manual_seed(seed)
 
-    tokenizer = train_tokenizer(corpus if corpus is not None else default_corpus(), vocab_size,
+    tokenizer = train_tokenizer(corpus, vocab_size,
                                 think_tokens=arch == "qwen3_vl")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CHAT_SPECIALS}
     factor = s["patch"] * 2

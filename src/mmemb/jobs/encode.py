@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .embedder import Embedder, Encoded
-from .fileio import atomic_save_npy, file_fingerprint, fingerprint, read_json, read_jsonl, write_json, write_jsonl
-from .items import Item, ItemError
+from ..fileio import atomic_save_npy, file_fingerprint, fingerprint, read_json, read_jsonl, write_json, write_jsonl
+from ..items import Item, ItemError
+from ..model.embedder import Embedder, Encoded
 
 
 def read_items(path: str | Path) -> list[Item]:

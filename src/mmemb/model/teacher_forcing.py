@@ -8,7 +8,7 @@ Every training signal of the method comes from one forward over ``prompt + assis
 From it: the embedding at <emb>; the decision logits (<think> vs <emb>) at the last prompt
 position; and the log-probability of each rationale token and of </think> (next-token loss,
 GRPO). Selection (counterfactual utility) and RL use the same pass without gradients.
-The pass goes through ``model(...)`` (a :class:`~mmemb.backbone.Backbone`, possibly wrapped by
+The pass goes through ``model(...)`` (a :class:`~mmemb.model.backbone.Backbone`, possibly wrapped by
 DDP/FSDP), so every parameter it uses is used inside one forward.
 """
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .fileio import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
+from ..fileio import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
 
 KINDS = ("flat", "ivf", "hnsw")
 FORMAT_VERSION = 1

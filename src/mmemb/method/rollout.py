@@ -12,12 +12,12 @@ from typing import Sequence
 
 import torch
 
-from ..backbone import Backbone
-from ..generation import Reasoner, SamplingConfig
 from ..items import Item, load_visuals
-from ..prefix_cache import prefill
-from ..prompts import render_prompt
-from ..teacher_forcing import ForcedOutput
+from ..model.backbone import Backbone
+from ..model.generation import Reasoner, SamplingConfig
+from ..model.prefix_cache import prefill
+from ..model.prompts import render_prompt
+from ..model.teacher_forcing import ForcedOutput
 
 
 @dataclass

@@ -31,17 +31,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import trange
 
-from ..backbone import Backbone, load_backbone
 from ..data.pairs import read_pairs
-from ..embedder import Embedder
 from ..fileio import JsonlAppender, atomic_dir, iter_jsonl, read_json, write_json
-from ..generation import Reasoner, SamplingConfig
 from ..items import Pair, load_visuals
-from ..prompts import render_prompt
-from ..teacher_forcing import build_forced_batch, forced_forward
-from .config import parse_override
+from ..model.backbone import Backbone, load_backbone
+from ..model.embedder import Embedder
+from ..model.generation import Reasoner, SamplingConfig
+from ..model.prompts import render_prompt
+from ..model.teacher_forcing import build_forced_batch, forced_forward
+from ..train.config import parse_override
+from ..train.losses import info_nce, target_masks
 from .grpo_objective import group_advantages, grpo_loss
-from .losses import info_nce, target_masks
 from .rollout import completion_logprobs, sample_groups
 
 
@@ -103,8 +103,8 @@ def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Pa
 
     policy = load_backbone(source, device=cfg.device, dtype=cfg.dtype)
     if cfg.lora and not start_step:
-        from .config import LoraConfig, TrainConfig
-        from .params import apply_lora
+        from ..train.config import LoraConfig, TrainConfig
+        from ..train.params import apply_lora
 
         apply_lora(policy, TrainConfig(model=cfg.model, lora=LoraConfig(enabled=True, **cfg.lora)))
     reference = None if cfg.lora else load_backbone(cfg.model, device=cfg.device, dtype=cfg.dtype).eval()

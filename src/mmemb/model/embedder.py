@@ -12,18 +12,18 @@ Modes:
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..items import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Item, ItemError, as_items, load_visuals
 from .backbone import Backbone, load_backbone
 from .generation import Reasoner, SamplingConfig, merge_caches
 from .kv_cache import new_cache
-from .items import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Item, ItemError, as_items, load_visuals
 from .prompts import EMB, THINK, render_prompt
 
 MODES = ("direct", "reason", "auto")
@@ -77,7 +77,7 @@ class Embedder:
 
     @classmethod
     def from_pretrained(cls, path: str, gate: Any = None, **opts) -> "Embedder":
-        """Load a checkpoint folder (see :func:`mmemb.backbone.load_backbone` for options).
+        """Load a checkpoint folder (see :func:`mmemb.model.backbone.load_backbone` for options).
 
         A gate saved in ``<path>/gate`` is loaded when ``gate="auto"``.
         """
@@ -86,7 +86,7 @@ class Embedder:
         if gate == "auto":
             gate = None
             if (Path(path) / "gate").is_dir():
-                from .train.gate import load_gate
+                from .gate import load_gate
 
                 gate = load_gate(Path(path) / "gate")
         return cls(backbone, gate=gate, max_image_pixels=max_image_pixels)

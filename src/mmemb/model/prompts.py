@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .items import Item, ItemError
+from ..items import Item, ItemError
 
 EMB = "<emb>"
 THINK = "<think>"

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..embedder import Embedder
 from ..fileio import JsonlAppender, iter_jsonl
 from ..items import Item, Pair, load_visuals
-from ..prefix_cache import embed_tails, prefill
-from ..prompts import render_prompt
-from ..teacher_forcing import build_forced_batch, forced_forward, rationale_ids
+from ..model.embedder import Embedder
+from ..model.prefix_cache import embed_tails, prefill
+from ..model.prompts import render_prompt
+from ..model.teacher_forcing import build_forced_batch, forced_forward, rationale_ids
 
 
 @dataclass

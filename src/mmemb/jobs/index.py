@@ -1,6 +1,6 @@
 """``mmemb index build`` / ``index add`` / ``search``: JSONL corpora into an index, queries against it.
 
-Encoding goes through :func:`mmemb.encode_job.run_encode` into a work folder beside the index,
+Encoding goes through :func:`mmemb.jobs.encode.run_encode` into a work folder beside the index,
 so a killed build resumes where it stopped; the index folder itself is replaced atomically at
 the end. Items that fail to encode are reported and left out (fix them and ``index add`` them).
 """
@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from .embedder import Embedder, Encoded
-from .encode_job import output_paths, read_items, run_encode
-from .fileio import read_jsonl
-from .index import Hit, IndexConfig, VectorIndex, format_ids
-from .items import Item
+from ..fileio import read_jsonl
+from ..index.store import Hit, IndexConfig, VectorIndex, format_ids
+from ..items import Item
+from ..model.embedder import Embedder, Encoded
+from .encode import output_paths, read_items, run_encode
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hub import hub_offline
 from .prompts import EMB, END_THINK, THINK
 
 # Inputs the processor produces that the model consumes.
@@ -342,19 +342,10 @@ def _resolve_source(name_or_path: str | os.PathLike) -> str:
     name = str(name_or_path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise BackboneNotFound(f"no model folder at {name!r}")
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+    if hub_offline():
         raise BackboneNotFound(
             f"{name!r} is not a local folder and the Hugging Face hub cannot be reached from here. "
             f"Download it where the hub is reachable (`hf download {name} --local-dir DIR`), copy DIR "
             f"here, and pass that folder instead (e.g. --model DIR)."
         )
     return name
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
