@@ -426,7 +426,9 @@ def select(
     rationales: Path = typer.Option(..., help="rationales.jsonl from `mmemb rationales`."),
     out: Path = typer.Option(..., help="selection.jsonl (appended; pairs already there are skipped); "
                                        "selection.md and selection.png are written beside it."),
-    margin: float = typer.Option(0.5, help="Keep a rationale where delta = s(r) - s(none) exceeds this (nats)."),
+    margin: float = typer.Option(0.5, help="Keep a rationale where its utility exceeds this."),
+    utility: str = typer.Option("logprob", help="logprob: delta = s(r) - s(none) in nats; prob: the gain in the "
+                                                "positive's probability, p(t+ | q, r) - p(t+ | q)."),
     temperature: float = typer.Option(0.05, help="The contrastive temperature the model was trained with."),
     sampled_negatives: int = typer.Option(16, help="Other pairs' positives added to each candidate set."),
     no_prompt_reuse: bool = typer.Option(False, help="Prefill every (query, rationale) separately (to measure reuse)."),
@@ -440,7 +442,7 @@ def select(
     from .method.selection_report import write_selection_report
     from .model.embedder import Embedder
 
-    cfg = SelectionConfig(margin=margin, temperature=temperature, sampled_negatives=sampled_negatives,
+    cfg = SelectionConfig(margin=margin, utility=utility, temperature=temperature, sampled_negatives=sampled_negatives,
                           reuse_prompt=not no_prompt_reuse, seed=seed)
     stats = run_select(Embedder.from_pretrained(model), read_pairs(pairs), load_rationales(rationales), out, cfg)
     write_selection_report(out, out.with_suffix(""))

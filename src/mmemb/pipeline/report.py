@@ -30,7 +30,7 @@ ABLATION_SYSTEMS = {"no_selection": "no counterfactual selection (blind model, t
                     "rl_depth": "GRPO choosing the depth too (learned budget)"}
 # The selection ablation (pipeline `blind.enabled=true`): the joint model against one trained on
 # all candidate rationales, each in both modes, before RL.
-ABLATIONS = {"joint_reason": "joint, selected rationales: reason mode",
+BEFORE_RL = {"joint_reason": "joint, selected rationales: reason mode",
              "joint_direct": "joint, selected rationales: direct mode",
              "blind_reason": "blind, all rationales: reason mode",
              "blind_direct": "blind, all rationales: direct mode"}
@@ -50,11 +50,11 @@ def build_report(run: Run) -> dict[str, Any]:
                  for name in ABLATION_SYSTEMS if (run.root / "eval" / name / "summary.json").is_file()}
     if ablations:
         report["ablations"] = ablations
-    ablations = {name: read_json(run.root / "eval" / name / "summary.json") for name in ABLATIONS
+    before_rl = {name: read_json(run.root / "eval" / name / "summary.json") for name in BEFORE_RL
                  if (run.root / "eval" / name / "summary.json").is_file()}
-    if ablations:
+    if before_rl:
         report["ablation"] = {name: {"hit1": {t: s["tasks"][t]["main"] for t in kinds},
-                                     "hit1_overall": s["overall"]["main"]} for name, s in ablations.items()}
+                                     "hit1_overall": s["overall"]["main"]} for name, s in before_rl.items()}
     report["sweep"] = threshold_sweep(run, kinds, run.cfg.eval.get("sweep", []))
     gate_metrics = run.root / "gate_metrics.json"
     if gate_metrics.is_file():
@@ -120,7 +120,7 @@ def ablation_rows(report: dict[str, Any]) -> list[tuple[str, float, float, float
     """(label, Hit@1 easy, compositional, overall) of each ablation system, then of each model routed
     by task kind (reason on compositional tasks, direct on easy ones: the best a decision could do)."""
     kinds, ab = report["tasks"], report["ablation"]
-    rows = [(ABLATIONS[n], _mean_of_kind(s, kinds, "easy"), _mean_of_kind(s, kinds, "compositional"),
+    rows = [(BEFORE_RL[n], _mean_of_kind(s, kinds, "easy"), _mean_of_kind(s, kinds, "compositional"),
              s["hit1_overall"]) for n, s in ab.items()]
     for model, label in (("joint", "joint, selected rationales"), ("blind", "blind, all rationales")):
         if f"{model}_reason" in ab and f"{model}_direct" in ab:

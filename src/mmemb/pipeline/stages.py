@@ -135,9 +135,12 @@ def stage_select(run: Run) -> None:
     from ..method.selection_report import write_selection_report
 
     opts = dict(run.cfg.select)
+    scorer = opts.pop("scorer", "warmup")
+    if scorer not in ("warmup", "start"):
+        raise ValueError(f"select.scorer must be warmup or start, not {scorer!r}")
     opts.setdefault("temperature", run.cfg.stage_train("joint")["loss"]["temperature"])
     opts.setdefault("seed", run.cfg.seed)
-    select(run.load(run.model("warmup")), run.subset(),
+    select(run.load(run.model("warmup") if scorer == "warmup" else run.start_model), run.subset(),
            load_rationales(run.root / "rationales.jsonl"), run.root / "selection.jsonl", SelectionConfig(**opts))
     write_selection_report(run.root / "selection.jsonl", run.root / "selection")
 
