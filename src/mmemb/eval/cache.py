@@ -134,6 +134,9 @@ def model_fingerprint(embedder: Any) -> str:
         if proc is not None:
             h.update(repr(sorted(dict(proc.size).items())).encode())
     h.update(str(getattr(embedder, "max_image_pixels", "")).encode())
+    protocol = getattr(embedder, "protocol", None)
+    if protocol is not None and protocol.name != "mmemb":  # a peer's convention gives other vectors
+        h.update(protocol.name.encode())
     _hash_module(h, bb)
     return h.hexdigest()[:20]
 

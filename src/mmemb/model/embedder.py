@@ -24,7 +24,8 @@ from ..items import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Item, ItemError, as_it
 from .backbone import Backbone, load_backbone
 from .generation import Reasoner, SamplingConfig, merge_caches
 from .kv_cache import new_cache
-from .prompts import EMB, THINK, render_prompt
+from .prompts import EMB, THINK
+from .protocols import Protocol, detect_protocol, get_protocol, peer_vectors
 
 MODES = ("direct", "reason", "auto")
 # The user-facing reasoning switch (server requests, search) -> the encode mode.
@@ -67,29 +68,43 @@ class Encoded:
 
 
 class Embedder:
-    """Embeds items with a backbone; optional plug-in gate for the think / no-think decision."""
+    """Embeds items with a backbone; optional plug-in gate for the think / no-think decision.
 
-    def __init__(self, backbone: Backbone, gate: Any = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    ``protocol`` is the embedding convention (:mod:`mmemb.model.protocols`): mmemb's own, or a
+    peer's (``vlm2vec``, ``qwen3-vl-embedding``, ``ume-r1``) to evaluate its released checkpoint.
+    """
+
+    def __init__(self, backbone: Backbone, gate: Any = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 protocol: str | Protocol = "mmemb"):
         self.backbone = backbone
         self.gate = gate
         self.max_image_pixels = max_image_pixels
+        self.protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
         self._reasoner: Reasoner | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str, gate: Any = None, **opts) -> "Embedder":
+    def from_pretrained(cls, path: str, gate: Any = None, protocol: str = "auto", **opts) -> "Embedder":
         """Load a checkpoint folder (see :func:`mmemb.model.backbone.load_backbone` for options).
 
-        A gate saved in ``<path>/gate`` is loaded when ``gate="auto"``.
+        A gate saved in ``<path>/gate`` is loaded when ``gate="auto"``. ``protocol="auto"`` reads
+        the convention from the folder's tokenizer files (:func:`~mmemb.model.protocols.detect_protocol`).
         """
+        from .backbone import tokenizer_folder
+
         max_image_pixels = opts.pop("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
-        backbone = load_backbone(path, **opts)
+        if protocol == "auto":
+            folder = Path(tokenizer_folder(path))
+            resolved = detect_protocol(folder) if folder.is_dir() else get_protocol("mmemb")
+        else:
+            resolved = get_protocol(protocol)
+        backbone = load_backbone(path, add_tokens=resolved.name == "mmemb", **opts)
         if gate == "auto":
             gate = None
             if (Path(path) / "gate").is_dir():
                 from .gate import load_gate
 
                 gate = load_gate(Path(path) / "gate")
-        return cls(backbone, gate=gate, max_image_pixels=max_image_pixels)
+        return cls(backbone, gate=gate, max_image_pixels=max_image_pixels, protocol=resolved)
 
     @property
     def dim(self) -> int:
@@ -115,6 +130,9 @@ class Embedder:
     ) -> Encoded:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if mode not in self.protocol.modes:
+            raise ValueError(f"the {self.protocol.name} convention has modes {', '.join(self.protocol.modes)}, "
+                             f"not {mode!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
         start = time.perf_counter()
@@ -139,7 +157,7 @@ class Embedder:
                 prepared: list[tuple[int, str, tuple]] = []
                 for i in range(w0, min(n, w0 + window)):
                     try:
-                        prepared.append((i, render_prompt(self.backbone.processor, items[i]),
+                        prepared.append((i, self.protocol.render(self.backbone.processor, items[i], mode),
                                          load_visuals(items[i], self.max_image_pixels)))
                     except (ImageError, ItemError) as e:
                         self._fail(res, i, items[i], e, on_error)
@@ -147,7 +165,7 @@ class Embedder:
                 pool: list[_Pending] = []  # reasoning rows of several batches decode together
                 for b0 in range(0, len(prepared), batch_size):
                     batch = prepared[b0:b0 + batch_size]
-                    pool += self._prefill_safely(items, batch, mode, think_threshold, res, on_error)
+                    pool += self._prefill_safely(items, batch, mode, think_threshold, res, on_error, sampling)
                     if sum(p.rows for p in pool) >= max(batch_size, MAX_DECODE_ROWS):
                         self._decode(pool, sampling, res)
                         pool = []
@@ -169,8 +187,11 @@ class Embedder:
             raise error from None
         res.errors.append(error)
 
-    def _prefill_safely(self, items, batch, mode, threshold, res, on_error) -> list["_Pending"]:
+    def _prefill_safely(self, items, batch, mode, threshold, res, on_error, sampling) -> list["_Pending"]:
         try:
+            if self.protocol.name != "mmemb":
+                self._embed_peer(batch, mode, res, sampling)
+                return []
             pending = self._prefill(batch, mode, threshold, res)
             return [pending] if pending is not None else []
         except (ValueError, RuntimeError) as e:
@@ -178,7 +199,8 @@ class Embedder:
                 self._fail(res, batch[0][0], items[batch[0][0]], e, on_error)
                 return []
             # isolate the item that broke the batch; the others still get their vectors
-            return [p for one in batch for p in self._prefill_safely(items, [one], mode, threshold, res, on_error)]
+            return [p for one in batch for p in self._prefill_safely(items, [one], mode, threshold, res, on_error,
+                                                                       sampling)]
 
     @torch.no_grad()
     def _prefill(self, batch, mode: str, threshold: float, res: Encoded) -> "_Pending | None":
@@ -233,6 +255,23 @@ class Embedder:
         cache.batch_select_indices(sel)
         first = torch.full((sel.numel(),), bb.ids.think, dtype=torch.long, device=bb.device)
         return _Pending(cache, mask[sel, :-1], next_pos[sel] - 1, first, False, rows_idx)
+
+    @torch.no_grad()
+    def _embed_peer(self, batch, mode: str, res: Encoded, sampling: SamplingConfig) -> None:
+        """A peer's vectors for one batch (its own pooling; reason mode writes first where it has one)."""
+        idx = [b[0] for b in batch]
+        out = peer_vectors(self.backbone, self.protocol, [b[1] for b in batch], [b[2] for b in batch], mode,
+                           sampling.max_tokens)
+        res.embeddings[idx] = out.vectors.cpu().numpy()
+        res.prompt_tokens[idx] = out.mask.sum(dim=1).cpu().numpy()
+        res.tokens_processed += int(out.mask.sum())
+        res.ok[idx] = True
+        for i, written in zip(idx, out.written or []):
+            res.reasoned[i] = True
+            res.rationales[i] = self.backbone.tokenizer.decode(written, skip_special_tokens=True).strip()
+            res.rationale_token_ids[i] = written
+            res.generated_tokens[i] = len(written)
+            res.tokens_processed += len(written)
 
     @torch.no_grad()
     def _decode(self, pool: list["_Pending"], sampling: SamplingConfig, res: Encoded) -> None:
