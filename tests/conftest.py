@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,32 @@ def tiny_paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("backbones")
     corpus = tokenizer_corpus()
     return {arch: str(build_tiny_backbone(arch, root / arch, corpus=corpus, seed=1)) for arch in ARCHES}
+
+
+# Released checkpoints' files (no weights), one folder per release; the shared BPE vocabulary once.
+RELEASE_ASSETS = Path(os.environ.get("MMEMB_QWEN_VL_ASSETS", Path(__file__).parent / "assets" / "qwen-vl"))
+RELEASES = {"qwen2_vl": "Qwen2-VL-2B-Instruct", "qwen2_5_vl": "Qwen2.5-VL-3B-Instruct", "qwen3_vl": "Qwen3-VL-4B-Instruct"}
+
+
+def build_released(name: str, out: Path, seed: int = 1) -> str:
+    """A tiny random-weight model of a release's config with the release's own files."""
+    from mmemb.model.tiny import build_from_release
+
+    vocab = sorted((RELEASE_ASSETS / "qwen2-bpe").iterdir())
+    return str(build_from_release(RELEASE_ASSETS / name, out, extra_files=vocab, seed=seed))
+
+
+@pytest.fixture(scope="session")
+def released_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("released")
+    return {arch: build_released(name, root / arch) for arch, name in RELEASES.items()}
+
+
+@pytest.fixture(scope="session")
+def released_embedders(released_paths):
+    from mmemb import Embedder
+
+    return {arch: Embedder.from_pretrained(path) for arch, path in released_paths.items()}
 
 
 @pytest.fixture(scope="session")
