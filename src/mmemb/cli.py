@@ -340,6 +340,8 @@ def eval_(
     split: str = typer.Option("test", help="MiniMMEB split to evaluate (test | val)."),
     cache: Optional[Path] = typer.Option(None, help="Candidate-embedding cache folder "
                                                     "(default ~/.cache/mmemb/eval, or $MMEMB_CACHE/eval)."),
+    protocol: str = typer.Option("auto", help="Embedding convention: mmemb | vlm2vec | qwen3-vl-embedding | ume-r1 "
+                                              "(auto: read from the model folder; see docs/eval.md)."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -348,15 +350,18 @@ def eval_(
     from .data.mmeb import TaskSelectionError, resolve_tasks
     from .eval.runner import EvalError, evaluate
     from .model.embedder import Embedder
+    from .model.protocols import PROTOCOLS
 
     try:
         selected = resolve_tasks(tasks, data)
     except TaskSelectionError as e:
         raise typer.BadParameter(str(e), param_hint="--tasks") from None
     start = time.perf_counter()
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
+    if protocol not in ("auto", *PROTOCOLS):
+        raise typer.BadParameter(f"choose auto or one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto", protocol=protocol)
     try:
-        evaluate(embedder, selected, out, mode=mode, data=None if data is None else str(data),
+        summary = evaluate(embedder, selected, out, mode=mode, data=None if data is None else str(data),
                  candidate_mode=candidate_mode, think_threshold=think_threshold,
                  max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
                  batch_size=batch_size, split=split, cache_dir=None if cache is None else str(cache))
@@ -365,6 +370,10 @@ def eval_(
         raise typer.Exit(2) from None
     typer.echo((out / "summary.md").read_text(encoding="utf-8"))
     typer.echo(f"wrote {out}/summary.md ({time.perf_counter() - start:.1f}s)")
+    if summary["missing_tasks"]:
+        for reason in summary["missing_tasks"].values():
+            typer.echo(f"not evaluated: {reason}", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -238,7 +238,8 @@ def load_visuals(item: Item, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tupl
     frames = None
     if item.video is not None:
         if not item.video:
-            raise ImageError("video has no frames")
+            folder = item.meta.get("video")
+            raise ImageError("video has no frames" + (f" (nothing in {folder})" if folder else ""))
         frames = _load_each(item.video, "video frame", max_pixels)
         size = frames[0].size  # a video's frames share one size
         frames = [f if f.size == size else f.resize(size) for f in frames]

@@ -2,7 +2,9 @@
 
 Names, meta-tasks, metrics, ranking types and instructions follow VLM2Vec-V2's release
 (TIGER-AI-Lab/VLM2Vec: ``experiments/public/eval/{image,video,visdoc}.yaml`` and the dataset
-parsers under ``src/data/eval_dataset``). Image rows carry their own instructions; the ones here
+parsers under ``src/data/eval_dataset``), and so do where each task's data comes from: the
+annotation dataset (``hub``: repository, config, split), the parser that reads it and the media
+folder of a TIGER-Lab/MMEB-V2 download (``extra``; see :mod:`mmemb.data.mmeb_hub`). Image rows carry their own instructions; the ones here
 are what those rows say (used when a row has none, and to split an instruction off a v1-style
 ``qry_text``). Video and visual-document tasks have fixed instructions, given here.
 
@@ -56,7 +58,7 @@ class TaskInfo:
 
 
 # ---- image (36) -------------------------------------------------------------------------------
-_IMAGE_HUB = "TIGER-Lab/MMEB-eval"
+_IMAGE_HUB = "ziyjiang/MMEB_Test_Instruct"  # the rows VLM2Vec-V2's image parsers read (one config per task)
 
 _VQA_INST = "Represent the given image with the following question:"
 _CROP_TGT = "Represent the given cropped image of the object"
@@ -140,6 +142,28 @@ _VIDEO_TASKS = {
     ],
 }
 
+# Where each video task's annotations and frames are: (repository, config, split), parser, frame folder.
+_VIDEO_SOURCES = {
+    "K700": (("VLM2Vec/Kinetics-700", None, "test"), "video_classification", "video_cls/K700"),
+    "SmthSmthV2": (("VLM2Vec/SmthSmthV2", None, "test"), "ssv2", "video_cls/SSv2"),
+    "HMDB51": (("VLM2Vec/HMDB51", None, "test"), "video_classification", "video_cls/HMDB51"),
+    "UCF101": (("VLM2Vec/UCF101", None, "test"), "video_classification", "video_cls/UCF101"),
+    "Breakfast": (("VLM2Vec/Breakfast", None, "test"), "video_classification", "video_cls/Breakfast"),
+    "MVBench": (("VLM2Vec/MVBench", None, "train"), "mvbench", "video_qa/MVBench"),
+    "Video-MME": (("VLM2Vec/Video-MME", None, "test"), "videomme", "video_qa/Video-MME"),
+    "NExTQA": (("VLM2Vec/NExTQA", "MC", "test"), "nextqa", "video_qa/NExTQA"),
+    "EgoSchema": (("VLM2Vec/EgoSchema", "Subset", "test"), "egoschema", "video_qa/EgoSchema"),
+    "ActivityNetQA": (("VLM2Vec/ActivityNetQA", None, "test"), "activitynetqa", "video_qa/ActivityNetQA"),
+    "DiDeMo": (("VLM2Vec/DiDeMo", None, "test"), "didemo", "video_ret/DiDeMo"),
+    "MSR-VTT": (("VLM2Vec/MSR-VTT", "test_1k", "test"), "msrvtt", "video_ret/MSR-VTT"),
+    "MSVD": (("VLM2Vec/MSVD", None, "test"), "msvd", "video_ret/MSVD"),
+    "VATEX": (("VLM2Vec/VATEX", None, "test"), "vatex", "video_ret/VATEX"),
+    "YouCook2": (("lmms-lab/YouCook2", None, "val"), "youcook2", "video_ret/YouCook2"),
+    "QVHighlight": (("VLM2Vec/QVHighlight", None, "test"), "moment_retrieval", "video_mret/QVHighlight"),
+    "Charades-STA": (("VLM2Vec/Charades-STA", None, "test"), "moment_retrieval", "video_mret/Charades_STA"),
+    "MomentSeeker": (("VLM2Vec/MomentSeeker", None, "test"), "momentseeker", "video_mret/MomentSeeker"),
+}
+
 # ---- visual documents (24) --------------------------------------------------------------------
 _DOC_QRY = "Find a document image that matches the given query:"
 _DOC_TGT = "Understand the content of the provided document image."
@@ -178,14 +202,27 @@ _VISDOC_TASKS = {
 }
 
 
+# Page-image folders of the visual-document tasks in a TIGER-Lab/MMEB-V2 download (where not the task name).
+_VISDOC_FOLDERS = {"ViDoRe_esg_reports_human_labeled_v2": "esg_reports_human_labeled_v2",
+                   "ViDoRe_biomedical_lectures_v2_multilingual": "biomedical_lectures_v2_multilingual",
+                   "ViDoRe_economics_reports_v2_multilingual": "economics_reports_v2_multilingual",
+                   "ViDoRe_esg_reports_v2_multilingual": "esg_reports_v2_multilingual"}
+
+
 def _build_registry() -> dict[str, TaskInfo]:
     tasks: list[TaskInfo] = []
     for meta, rows in _IMAGE_TASKS.items():
-        tasks += [TaskInfo(n, IMAGE, meta, HIT1, LOCAL, q, t, hub=(_IMAGE_HUB, n, "test")) for n, q, t in rows]
+        tasks += [TaskInfo(n, IMAGE, meta, HIT1, LOCAL, q, t, hub=(_IMAGE_HUB, n, "test"),
+                           extra={"parser": "image", "media": "image-tasks"}) for n, q, t in rows]
     for meta, rows in _VIDEO_TASKS.items():
-        tasks += [TaskInfo(n, VIDEO, meta, HIT1, e, q, t) for n, q, t, e in rows]
+        for n, q, t, e in rows:
+            hub, parser, frames = _VIDEO_SOURCES[n]
+            tasks.append(TaskInfo(n, VIDEO, meta, HIT1, e, q, t, hub=hub,
+                                  extra={"parser": parser, "media": f"video-tasks/frames/{frames}"}))
     for meta, rows in _VISDOC_TASKS.items():
-        tasks += [TaskInfo(n, VISDOC, meta, NDCG5, GLOBAL, _DOC_QRY, _DOC_TGT, hub=h) for n, h in rows]
+        tasks += [TaskInfo(n, VISDOC, meta, NDCG5, GLOBAL, _DOC_QRY, _DOC_TGT, hub=h,
+                           extra={"parser": "visrag" if meta == "visrag" else "vidore",
+                                  "media": f"visdoc-tasks/{_VISDOC_FOLDERS.get(n, n)}"}) for n, h in rows]
     return {t.name: t for t in tasks}
 
 

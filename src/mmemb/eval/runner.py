@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.loaders import load_task
+from ..data.loaders import DataNotFound, load_task
 from ..data.mmeb import TaskInfo, resolve_tasks
 from ..fileio import atomic_write_bytes, atomic_write_text, fingerprint, read_json, write_json, write_jsonl
 from ..items import RankingTask
@@ -114,14 +114,23 @@ def evaluate(embedder: Embedder, tasks: str | Sequence[str | TaskInfo | RankingT
                            fingerprint(cfg.candidate_settings(embedder)))
     scores, unique_keys = [], set()
     encoded = from_cache = 0
+    missing: dict[str, str] = {}  # tasks whose data is not there: named, skipped, the others go on
     for spec in _task_specs(tasks, cfg):
-        task = spec if isinstance(spec, RankingTask) else load_task(spec, cfg.data, cfg.split, cfg.num_frames)
+        try:
+            task = spec if isinstance(spec, RankingTask) else load_task(spec, cfg.data, cfg.split, cfg.num_frames)
+        except DataNotFound as e:
+            missing[spec.name] = str(e)
+            print(f"skipping {spec.name}: {e}", file=sys.stderr)
+            continue
         score, keys = _run_task(embedder, task, out / task.name, cfg, cache, settings)
         scores.append(score)
         unique_keys.update(keys)
         encoded += score["run"]["candidates_encoded"]
         from_cache += score["run"]["candidates_from_cache"]
+    if not scores and missing:
+        raise EvalError("no task could be loaded:\n" + "\n".join(missing.values()))
     summary = aggregate(scores)
+    summary["missing_tasks"] = missing
     refs = sum(s["candidate_refs"] for s in scores)
     summary["candidates"] = {"references": refs, "unique": len(unique_keys),
                              "dedup_ratio": len(unique_keys) / refs if refs else 0.0,
