@@ -100,9 +100,11 @@ def detect_protocol(folder: str | Path) -> Protocol:
             tokens |= {t["content"] for t in spec.get("added_tokens_decoder", {}).values()}
             tokens |= set(spec) if name == "added_tokens.json" else set()
             texts.append(str(spec.get("chat_template", "")))
-    for name in ("chat_template.jinja",):
-        if (folder / name).is_file():
-            texts.append((folder / name).read_text(encoding="utf-8"))
+    if (folder / "tokenizer.json").is_file():  # transformers 5 keeps added tokens here, before the model
+        head = (folder / "tokenizer.json").read_text(encoding="utf-8").split('"model"', 1)[0]
+        tokens |= {t for t in (EMB, DISC_EMB) if json.dumps(t) in head}
+    if (folder / "chat_template.jinja").is_file():
+        texts.append((folder / "chat_template.jinja").read_text(encoding="utf-8"))
     if EMB in tokens:
         return _BY_NAME["mmemb"]
     if DISC_EMB in tokens:
