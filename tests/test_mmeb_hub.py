@@ -1,4 +1,4 @@
-"""MMEB-V2 read as the hub distributes it (tests/mmeb_v2_fixtures.py: a few rows of every loader
+"""MMEB-V2 read as the hub distributes it (tests/mmeb_fixtures.py: a few rows of every loader
 format in VLM2Vec-V2's schemas): queries, candidates, positives and ranking as VLM2Vec-V2's
 parsers build them; missing and partial downloads named; `mmemb eval` going on without them."""
 
@@ -16,7 +16,7 @@ from mmemb.data.loaders import DataNotFound, load_task
 from mmemb.data.mmeb import MMEB_V2
 from mmemb.items import ImageError, load_visuals
 
-from .mmeb_v2_fixtures import write_mmeb_v2
+from .mmeb_fixtures import write_mmeb_v2
 
 VIDEO_TGT = "Understand the content of the provided video."
 

@@ -297,7 +297,7 @@ def minimmeb_build(
 
 @app.command()
 def tasks(
-    benchmark: str = typer.Option("mmeb-v2", help="mmeb-v2 (the 78-task registry) | minimmeb (needs --data)."),
+    benchmark: str = typer.Option("mmeb-v2", help="mmeb-v2 (78 tasks) | mmeb-v3 (190 tasks) | minimmeb (needs --data)."),
     data: Optional[Path] = typer.Option(None, help="MiniMMEB folder (its manifest.json lists the tasks)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per task instead of a table."),
 ):

@@ -33,6 +33,7 @@ from ..hub import hub_offline
 from ..items import Item, RankingTask
 from .mmeb import IMAGE, VIDEO, VISDOC, TaskInfo
 from .mmeb_hub import MVBENCH_SUBSETS, VIDEO_PARSERS, DataNotFound, hub_rows, media_root, missing_repo, visdoc_image
+from .mmeb_v3 import load_v3_task
 
 NUM_FRAMES = 8
 IMAGE_PLACEHOLDER = "<|image_1|>"
@@ -50,6 +51,8 @@ def load_task(info: TaskInfo, data: str | os.PathLike | None = None, split: str 
         if not path.is_file():
             raise DataNotFound(f"{info.name}: no {split} rows at {path}")
         return rows_task(info, iter_jsonl(path), root=Path(data), num_frames=num_frames)
+    if "files" in info.extra:  # an MMEB-V3 task beyond MMEB-V2
+        return load_v3_task(info, data)
     if info.modality == IMAGE:
         return _load_image_task(info, data, num_frames)
     if info.modality == VIDEO:

@@ -13,12 +13,18 @@ label set (global); video text-to-video retrieval ranks against every test video
 documents rank against the whole page corpus (global too, as VLM2Vec-V2's configs set them);
 everything else ranks its own candidate list (local), the positive first.
 
+**MMEB-V3** (190 tasks: the 78 above, MCMR, 53 text, 47 agent and 11 audio tasks) is registered
+from its public configs (VLM2Vec's MMEB-V3 branch: ``experiments/public/eval/*.yaml`` and
+``experiments/report_score_v3.py``), kept in ``mmeb_v3_tasks.json``: names, categories, metrics
+(NDCG@5 for text, as the MMEB-V3 paper reports it; Hit@1 for agent, MCMR and audio), ranking
+types and each task's files under an MMEB-V3 download.
+
 A ``minimmeb`` benchmark reads its tasks from a MiniMMEB folder's ``manifest.json``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +235,19 @@ def _build_registry() -> dict[str, TaskInfo]:
 MMEB_V2: dict[str, TaskInfo] = _build_registry()
 
 
+def _build_v3_registry() -> dict[str, TaskInfo]:
+    tasks = {name: replace(t, benchmark="mmeb-v3") for name, t in MMEB_V2.items()}
+    for spec in read_json(Path(__file__).with_name("mmeb_v3_tasks.json")):
+        tasks[spec["name"]] = TaskInfo(
+            spec["name"], spec["modality"], spec["meta_task"], spec["metric"], spec["eval_type"],
+            spec.get("qry_inst", ""), "", benchmark="mmeb-v3", extra={"parser": spec["parser"], "files": spec["files"]})
+    return tasks
+
+
+MMEB_V3: dict[str, TaskInfo] = _build_v3_registry()
+BENCHMARKS = {"mmeb-v2": MMEB_V2, "mmeb-v3": MMEB_V3}
+
+
 # ---- MiniMMEB -----------------------------------------------------------------------------------
 class TaskSelectionError(ValueError):
     """A ``--tasks`` / ``--benchmark`` request that cannot be resolved; the message says why."""
@@ -252,13 +271,13 @@ def minimmeb_tasks(data: str | Path) -> dict[str, TaskInfo]:
 
 
 def benchmark_tasks(benchmark: str, data: str | Path | None = None) -> dict[str, TaskInfo]:
-    if benchmark == "mmeb-v2":
-        return dict(MMEB_V2)
+    if benchmark in BENCHMARKS:
+        return dict(BENCHMARKS[benchmark])
     if benchmark == "minimmeb":
         if data is None:
             raise TaskSelectionError("the minimmeb benchmark needs --data DIR (a folder made by `mmemb minimmeb build`)")
         return minimmeb_tasks(data)
-    raise TaskSelectionError(f"unknown benchmark {benchmark!r}; choose mmeb-v2 or minimmeb")
+    raise TaskSelectionError(f"unknown benchmark {benchmark!r}; choose mmeb-v2, mmeb-v3 or minimmeb")
 
 
 def task_groups(tasks: dict[str, TaskInfo]) -> dict[str, list[str]]:
@@ -275,21 +294,22 @@ def task_groups(tasks: dict[str, TaskInfo]) -> dict[str, list[str]]:
 def resolve_tasks(spec: str | list[str], data: str | Path | None = None) -> list[TaskInfo]:
     """Tasks named by a ``--tasks`` value: comma-separated task names and/or group names.
 
-    Groups: ``mmeb-v2``, ``mmeb-v2-image|video|visdoc``, meta-task groups such as
-    ``image-classification`` or ``visdoc-vidore_v2``, ``minimmeb`` (and ``minimmeb-easy``,
-    ``minimmeb-compositional``). MiniMMEB names need ``data`` (its folder).
+    Groups: ``mmeb-v2``, ``mmeb-v2-image|video|visdoc``, ``mmeb-v3``, ``mmeb-v3-text|tool|gui|memory|audio|...``,
+    meta-task groups such as ``image-classification``, ``visdoc-vidore_v2`` or ``text-BRIGHT``,
+    ``minimmeb`` (and ``minimmeb-easy``, ``minimmeb-compositional``). MiniMMEB names need ``data``
+    (its folder). A task in both MMEB versions is the MMEB-V2 one, except within ``mmeb-v3`` groups.
     """
     tokens = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not tokens:
         raise TaskSelectionError("no tasks given")
-    pool = dict(MMEB_V2)
+    pool = {**MMEB_V3, **MMEB_V2}
     mini: dict[str, TaskInfo] = {}
     if data is not None and (Path(data) / "manifest.json").is_file():
         mini = minimmeb_tasks(data)
     elif any(tok.startswith("minimmeb") for tok in tokens):
         benchmark_tasks("minimmeb", data)  # raises with the reason
     pool.update(mini)  # a MiniMMEB task of the same name as an MMEB one is not expected; MiniMMEB wins
-    groups = task_groups(MMEB_V2)
+    groups = {**task_groups(MMEB_V3), **task_groups(MMEB_V2)}
     for g, names in task_groups(mini).items():
         groups[g] = names
     out: list[TaskInfo] = []
@@ -301,5 +321,6 @@ def resolve_tasks(spec: str | list[str], data: str | Path | None = None) -> list
         else:
             raise TaskSelectionError(f"unknown task or group {tok!r}; `mmemb tasks` lists them "
                                      f"(groups: {', '.join(sorted(groups))})")
-        out += [pool[n] for n in names if pool[n] not in out]
+        source = MMEB_V3 if tok.startswith("mmeb-v3") else pool
+        out += [source[n] for n in names if source[n] not in out]
     return out

@@ -1,5 +1,5 @@
-"""A few rows of MMEB-V2 laid out as the hub distributes it, in the schemas VLM2Vec-V2's parsers
-read (``src/data/eval_dataset``): the TIGER-Lab/MMEB-V2 media (image-tasks/, video-tasks/frames/,
+"""A few rows of MMEB-V2 (and of MMEB-V3's text tasks) laid out as distributed, in the schemas
+VLM2Vec-V2's parsers read (``src/data/eval_dataset``): the TIGER-Lab/MMEB-V2 media (image-tasks/, video-tasks/frames/,
 visdoc-tasks/) and each annotation dataset in a folder named by its repository id, as
 ``hf download REPO --repo-type dataset --local-dir DIR/REPO`` leaves it (one parquet per split,
 under the config's folder; some with a dataset card listing the files)."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -153,4 +154,30 @@ def write_mmeb_v2(root: Path) -> Path:
     write_image_tasks(root)
     write_video_tasks(root)
     write_visdoc_tasks(root)
+    return root
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_mmeb_v3_text(root: Path) -> Path:
+    """MMEB-V3 text tasks in an MMEB-V3 download's layout: BRIGHT (gold ids in the query rows),
+    FollowIR and InfoSearch (instructions in the query rows, qrels_og), NanoBEIR (BEIR parquet)."""
+    text = root / "text-tasks"
+    _parquet(text / "BRIGHT" / "examples" / "aops-00000-of-00001.parquet",
+             [{"id": "q1", "query": "Find x if 2x = 6.", "gold_ids": ["d2"]},
+              {"id": "q2", "query": "Unjudged question.", "gold_ids": []}])
+    _parquet(text / "BRIGHT" / "documents" / "aops-00000-of-00001.parquet",
+             [{"id": f"d{k}", "content": f"document {k}"} for k in range(3)])
+    follow = text / "FollowIR" / "core17-instructions"
+    _jsonl(follow / "queries.jsonl", [{"_id": "301", "text": "oil spills", "instruction_og": "Relevant documents name a ship."}])
+    _jsonl(follow / "corpus.jsonl", [{"_id": "a", "title": "Tanker", "text": "The ship leaked."}, {"_id": "b", "text": "Weather."}])
+    _jsonl(follow / "qrels_og" / "test.jsonl", [{"query-id": "301", "corpus-id": "a", "score": 2},
+                                               {"query-id": "301", "corpus-id": "b", "score": 0}])
+    nano = text / "NanoBEIR" / "NanoArguAna"
+    _parquet(nano / "queries" / "train-00000-of-00001.parquet", [{"_id": "n1", "text": "argument"}])
+    _parquet(nano / "corpus" / "train-00000-of-00001.parquet", [{"_id": "c1", "text": "counter"}, {"_id": "c2", "text": "other"}])
+    _parquet(nano / "qrels" / "train-00000-of-00001.parquet", [{"query-id": "n1", "corpus-id": "c1"}])
     return root
