@@ -26,7 +26,8 @@ def tiny_paths(tmp_path_factory):
 
 # Released checkpoints' files (no weights), one folder per release; the shared BPE vocabulary once.
 RELEASE_ASSETS = Path(os.environ.get("MMEMB_QWEN_VL_ASSETS", Path(__file__).parent / "assets" / "qwen-vl"))
-RELEASES = {"qwen2_vl": "Qwen2-VL-2B-Instruct", "qwen2_5_vl": "Qwen2.5-VL-3B-Instruct", "qwen3_vl": "Qwen3-VL-4B-Instruct"}
+RELEASES = {"qwen2_vl": "Qwen2-VL-2B-Instruct", "qwen2_5_vl": "Qwen2.5-VL-3B-Instruct",
+            "qwen3_vl": "Qwen3-VL-4B-Instruct"}
 
 
 def build_released(name: str, out: Path, seed: int = 1) -> str:

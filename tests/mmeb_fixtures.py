@@ -90,24 +90,24 @@ def write_video_tasks(root: Path) -> None:
     clips = frames / "video_mret" / "QVHighlight" / "RoripwjYFp8_60.0_210.0"
     for k, name in enumerate(("query", "positive_0", "negative_0", "negative_1")):
         _frames(clips / name, 4, 20 + k)
-    _split(root, "VLM2Vec/QVHighlight", None, "test", [{"query": "a man talks", "video_path": "RoripwjYFp8_60.0_210.0.mp4"}])
+    _split(root, "VLM2Vec/QVHighlight", None, "test",
+           [{"query": "a man talks", "video_path": "RoripwjYFp8_60.0_210.0.mp4"}])
     seeker = frames / "video_mret" / "MomentSeeker"
     for name in ("movie_1_q", "movie_1_pos", "movie_1_neg"):
         _frames(seeker / "video_frames" / name, 8, 30)
     write_image(seeker / "query_img_7.jpg", seed=40)
+    pos, neg = [{"output_path": "movie/1_pos.mp4"}], [{"output_path": "movie/1_neg.mp4"}]
     _split(root, "VLM2Vec/MomentSeeker", None, "test", [
-        {"query": "the door opens", "input_frames": "movie/1_q.mp4",
-         "positive_frames": [{"output_path": "movie/1_pos.mp4"}], "negative_frames": [{"output_path": "movie/1_neg.mp4"}]},
-        {"query": "same scene", "input_frames": "img_7.jpg",
-         "positive_frames": [{"output_path": "movie/1_pos.mp4"}], "negative_frames": [{"output_path": "movie/1_neg.mp4"}]},
-        {"query": "just text", "input_frames": "",
-         "positive_frames": [{"output_path": "movie/1_neg.mp4"}], "negative_frames": [{"output_path": "movie/1_pos.mp4"}]}])
+        {"query": "the door opens", "input_frames": "movie/1_q.mp4", "positive_frames": pos, "negative_frames": neg},
+        {"query": "same scene", "input_frames": "img_7.jpg", "positive_frames": pos, "negative_frames": neg},
+        {"query": "just text", "input_frames": "", "positive_frames": neg, "negative_frames": pos}])
     # video QA (local option lists)
     qa = frames / "video_qa"
     _frames(qa / "Video-MME" / "fFjv93ACGo8", 4, 50)
     _split(root, "VLM2Vec/Video-MME", None, "test", [
-        {"question": "What is shown?", "videoID": "fFjv93ACGo8", "options": ["A. a cat.", "B. a dog.", "C. a car.", "D. a bus."],
-         "answer": "B", "question_id": "001-1", "domain": "Knowledge", "sub_category": "Humanity"}])
+        {"question": "What is shown?", "videoID": "fFjv93ACGo8",
+         "options": ["A. a cat.", "B. a dog.", "C. a car.", "D. a bus."], "answer": "B", "question_id": "001-1",
+         "domain": "Knowledge", "sub_category": "Humanity"}])
     _frames(qa / "NExTQA" / "4010069381", 4, 51)
     _split(root, "VLM2Vec/NExTQA", "MC", "test", [
         {"video": 4010069381, "question": "why did the boy fall", "answer": 2, "qid": 6, "type": "CW",
@@ -172,12 +172,15 @@ def write_mmeb_v3_text(root: Path) -> Path:
     _parquet(text / "BRIGHT" / "documents" / "aops-00000-of-00001.parquet",
              [{"id": f"d{k}", "content": f"document {k}"} for k in range(3)])
     follow = text / "FollowIR" / "core17-instructions"
-    _jsonl(follow / "queries.jsonl", [{"_id": "301", "text": "oil spills", "instruction_og": "Relevant documents name a ship."}])
-    _jsonl(follow / "corpus.jsonl", [{"_id": "a", "title": "Tanker", "text": "The ship leaked."}, {"_id": "b", "text": "Weather."}])
+    _jsonl(follow / "queries.jsonl",
+           [{"_id": "301", "text": "oil spills", "instruction_og": "Relevant documents name a ship."}])
+    _jsonl(follow / "corpus.jsonl",
+           [{"_id": "a", "title": "Tanker", "text": "The ship leaked."}, {"_id": "b", "text": "Weather."}])
     _jsonl(follow / "qrels_og" / "test.jsonl", [{"query-id": "301", "corpus-id": "a", "score": 2},
                                                {"query-id": "301", "corpus-id": "b", "score": 0}])
     nano = text / "NanoBEIR" / "NanoArguAna"
     _parquet(nano / "queries" / "train-00000-of-00001.parquet", [{"_id": "n1", "text": "argument"}])
-    _parquet(nano / "corpus" / "train-00000-of-00001.parquet", [{"_id": "c1", "text": "counter"}, {"_id": "c2", "text": "other"}])
+    _parquet(nano / "corpus" / "train-00000-of-00001.parquet",
+             [{"_id": "c1", "text": "counter"}, {"_id": "c2", "text": "other"}])
     _parquet(nano / "qrels" / "train-00000-of-00001.parquet", [{"query-id": "n1", "corpus-id": "c1"}])
     return root

@@ -70,7 +70,8 @@ def test_video_classification_and_retrieval(mmeb):
     assert positive(ssv2, q).text == "Opening something"
 
     msrvtt = task("MSR-VTT", mmeb)
-    assert msrvtt.eval_type == "global" and [q.text for q in msrvtt.queries] == ["a woman is cooking", "a man is running"]
+    assert msrvtt.eval_type == "global"
+    assert [q.text for q in msrvtt.queries] == ["a woman is cooking", "a man is running"]
     pos = positive(msrvtt, msrvtt.queries[1])
     assert pos.instruction == VIDEO_TGT and pos.meta["video"].endswith("video_ret/MSR-VTT/video7021")
     for name, text, folder in (("MSVD", "a cat plays", "-4wsuPCjDBc_5_15"), ("DiDeMo", "the dog jumps", "4012_clip"),
@@ -84,7 +85,8 @@ def test_video_classification_and_retrieval(mmeb):
 def test_moment_retrieval(mmeb):
     t = task("QVHighlight", mmeb)
     q = t.queries[0]
-    assert t.eval_type == "local" and q.text == "a man talks" and q.meta["video"].endswith("RoripwjYFp8_60.0_210.0/query")
+    assert t.eval_type == "local" and q.text == "a man talks"
+    assert q.meta["video"].endswith("RoripwjYFp8_60.0_210.0/query")
     names = [Path(t.candidates[[c.id for c in t.candidates].index(cid)].meta["video"]).name
              for cid in t.candidate_lists[q.id]]
     assert names == ["negative_0", "negative_1", "positive_0"]

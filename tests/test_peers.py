@@ -142,6 +142,6 @@ def test_eval_with_a_peer_convention(peer_paths, minimmeb_small, tmp_path):
         runs[protocol] = json.loads((out / "run.json").read_text())["settings"]["model"]
         assert json.loads((out / "DigitClass" / "score.json").read_text())["num_queries"] == 12
     assert runs["vlm2vec"] != runs["mmemb"]  # a convention's vectors never come from another's cache
-    bad = CliRunner().invoke(app, ["eval", "--model", peer_paths["vlm2vec"], "--protocol", "clip", "--tasks", "DigitClass",
-                                   "--data", str(minimmeb_small), "--out", str(tmp_path / "bad")])
+    bad = CliRunner().invoke(app, ["eval", "--model", peer_paths["vlm2vec"], "--protocol", "clip", "--tasks",
+                                   "DigitClass", "--data", str(minimmeb_small), "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "choose auto or one of mmemb, vlm2vec" in bad.output

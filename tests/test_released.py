@@ -165,8 +165,8 @@ def test_released_selection_and_grpo_step(released_paths, released_embedders, mi
     from mmemb.data.pairs import read_pairs
     from mmemb.fileio import read_jsonl
     from mmemb.method.grpo import RLConfig, run_rl
-    from mmemb.method.selection import SelectionConfig, select
     from mmemb.method.rationales import load_rationales, run_rationales
+    from mmemb.method.selection import SelectionConfig, select
     from mmemb.method.teachers import make_teacher
 
     e = released_embedders["qwen2_5_vl"]

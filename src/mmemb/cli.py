@@ -297,7 +297,7 @@ def minimmeb_build(
 
 @app.command()
 def tasks(
-    benchmark: str = typer.Option("mmeb-v2", help="mmeb-v2 (78 tasks) | mmeb-v3 (190 tasks) | minimmeb (needs --data)."),
+    benchmark: str = typer.Option("mmeb-v2", help="mmeb-v2 (78 tasks) | mmeb-v3 (190) | minimmeb (needs --data)."),
     data: Optional[Path] = typer.Option(None, help="MiniMMEB folder (its manifest.json lists the tasks)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per task instead of a table."),
 ):
@@ -360,11 +360,15 @@ def eval_(
     if protocol not in ("auto", *PROTOCOLS):
         raise typer.BadParameter(f"choose auto or one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
     embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto", protocol=protocol)
+    for side, value in (("--mode", mode), ("--candidate-mode", candidate_mode)):
+        if value not in embedder.protocol.modes:
+            raise typer.BadParameter(f"the {embedder.protocol.name} convention has modes "
+                                     f"{', '.join(embedder.protocol.modes)}", param_hint=side)
     try:
         summary = evaluate(embedder, selected, out, mode=mode, data=None if data is None else str(data),
-                 candidate_mode=candidate_mode, think_threshold=think_threshold,
-                 max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
-                 batch_size=batch_size, split=split, cache_dir=None if cache is None else str(cache))
+                           candidate_mode=candidate_mode, think_threshold=think_threshold,
+                           max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
+                           batch_size=batch_size, split=split, cache_dir=None if cache is None else str(cache))
     except (DataNotFound, EvalError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -4,9 +4,10 @@ Names, meta-tasks, metrics, ranking types and instructions follow VLM2Vec-V2's r
 (TIGER-AI-Lab/VLM2Vec: ``experiments/public/eval/{image,video,visdoc}.yaml`` and the dataset
 parsers under ``src/data/eval_dataset``), and so do where each task's data comes from: the
 annotation dataset (``hub``: repository, config, split), the parser that reads it and the media
-folder of a TIGER-Lab/MMEB-V2 download (``extra``; see :mod:`mmemb.data.mmeb_hub`). Image rows carry their own instructions; the ones here
-are what those rows say (used when a row has none, and to split an instruction off a v1-style
-``qry_text``). Video and visual-document tasks have fixed instructions, given here.
+folder of a TIGER-Lab/MMEB-V2 download (``extra``; see :mod:`mmemb.data.mmeb_hub`). Image rows
+carry their own instructions; the ones here are what those rows say (used when a row has none,
+and to split an instruction off a v1-style ``qry_text``). Video and visual-document tasks have
+fixed instructions, given here.
 
 Ranking type: video classification on HMDB51, UCF101, K700 and Breakfast ranks against the full
 label set (global); video text-to-video retrieval ranks against every test video and visual

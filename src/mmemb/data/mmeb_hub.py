@@ -68,7 +68,8 @@ def split_files(repo_dir: Path, config: str | None, split: str) -> list[Path]:
     folders += [repo_dir / "data", repo_dir]
     for folder in folders:
         found = sorted(p for p in folder.glob(f"{split}*") if p.is_file() and p.suffix in TABLE_SUFFIXES)
-        found += sorted(p for p in (folder / split).glob("*") if p.suffix in TABLE_SUFFIXES) if (folder / split).is_dir() else []
+        if (folder / split).is_dir():
+            found += sorted(p for p in (folder / split).iterdir() if p.suffix in TABLE_SUFFIXES)
         if found:
             return found
     return []
@@ -131,8 +132,8 @@ def media_root(task: str, data, relative: str) -> Path:
         names = ", ".join(str(a) for a in archives)
         raise DataNotFound(f"{task}: {root} does not exist but {names} does: unpack it first (as VLM2Vec's "
                            f"download script does, e.g. `tar -xzf {archives[0].name}` in {archives[0].parent})")
-    raise DataNotFound(f"{task}: {root} does not exist: download TIGER-Lab/MMEB-V2 into {data} "
-                       f"(`hf download TIGER-Lab/MMEB-V2 --repo-type dataset --local-dir {data}`) and unpack its archives")
+    raise DataNotFound(f"{task}: {root} does not exist: download TIGER-Lab/MMEB-V2 into {data} (`hf download "
+                       f"TIGER-Lab/MMEB-V2 --repo-type dataset --local-dir {data}`) and unpack its archives")
 
 
 def _archives_for(data: Path, relative: str) -> list[Path]:
@@ -230,7 +231,7 @@ def nextqa(info: TaskInfo, rows, root: Path):
     out = []
     for r in rows:
         options = [r[f"a{k}"] for k in range(5)]
-        out.append({"id": str(r["qid"]) + "-" + str(r["video"]), "qry_text": _options_listing(r["question"], options)[0],
+        out.append({"id": f"{r['qid']}-{r['video']}", "qry_text": _options_listing(r["question"], options)[0],
                     "qry_video": _frames(root, str(r["video"])), "tgt_text": options,
                     "tgt_rel": _one_hot(5, int(r["answer"]))})
     return out, None
@@ -255,7 +256,7 @@ def mvbench(info: TaskInfo, rows, root: Path):
 def activitynetqa(info: TaskInfo, rows, root: Path):
     return [{"id": str(r["question_id"]), "qry_text": r["question"] + "? (A) yes; (B) no.",
              "qry_video": _frames(root, f"v_{r['video_name']}"), "tgt_text": ["yes", "no"],
-             "tgt_rel": [1.0 if r["answer"] == "yes" else 0.0, 1.0 if r["answer"] == "no" else 0.0]} for r in rows], None
+             "tgt_rel": [float(r["answer"] == "yes"), float(r["answer"] == "no")]} for r in rows], None
 
 
 VIDEO_PARSERS: dict[str, Callable] = {

@@ -96,7 +96,8 @@ def build_forced_batch(
     return ForcedBatch(inputs, positions, reason, decision_pos.to(device), as_long(t_row), as_long(t_pos), as_long(t_ids))
 
 
-def append_tails(prompt_batch: dict[str, torch.Tensor], tails: Sequence[list[int]], pad: int) -> dict[str, torch.Tensor]:
+def append_tails(prompt_batch: dict[str, torch.Tensor], tails: Sequence[list[int]], pad: int
+                 ) -> dict[str, torch.Tensor]:
     """A left-padded batch of prompts with each row's token ids appended (text tokens), left-padded again."""
     mask = prompt_batch["attention_mask"].bool()
     types = prompt_batch.get("mm_token_type_ids")
