@@ -111,7 +111,7 @@ def test_released_vision_tokens_and_left_padding(released_embedders, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_released_encode_modes_auto_equals_direct_and_reason(released_embedders, arch):
-    e, batch = released_embedders[arch], items(np.random.default_rng(2))
+    e, batch = released_embedders[arch], items(np.random.default_rng(2))[:3]  # video: see the vision-token test
     direct = e.encode(batch, mode="direct")
     reason = e.encode(batch, mode="reason", max_reasoning_tokens=3)
     assert direct.ok.all() and reason.reasoned.all() and (reason.generated_tokens <= 5).all()
@@ -130,7 +130,7 @@ def pairs(tmp_path_factory):
     return write_pairs(tmp_path_factory.mktemp("released-pairs"), n_class=8, n_sum=4, negatives=1)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])  # mmemb adds three tokens / one (Qwen3 has <think>)
 def test_released_train_checkpoint_reloads_with_the_same_vectors(released_paths, pairs, arch, tmp_path):
     from safetensors.torch import load_file
 

@@ -47,13 +47,12 @@ UME_R1_THINK_PROMPT = ("Represent the above input text, images, videos, or any c
 class Protocol:
     """How items become prompts and where their vectors are read.
 
-    ``pool``: ``emb`` (mmemb: the model's own <emb> turn), ``last`` (the last prompt token) or
-    ``token`` (the last occurrence of ``token`` in the prompt; in reason mode, in what the
-    model writes: ``gen_token``).
+    A peer's vector is at the last occurrence of ``token`` in its prompt (the last prompt token
+    where there is none); in reason mode, at ``gen_token`` in what the model writes. mmemb's own
+    convention is the embedder's (<emb>, reasoning on the cache).
     """
 
     name: str
-    pool: str
     token: str | None = None
     gen_token: str | None = None
 
@@ -75,10 +74,10 @@ class Protocol:
 
 
 _BY_NAME = {
-    "mmemb": Protocol("mmemb", "emb", EMB),
-    "vlm2vec": Protocol("vlm2vec", "last"),
-    "qwen3-vl-embedding": Protocol("qwen3-vl-embedding", "last"),
-    "ume-r1": Protocol("ume-r1", "token", DISC_EMB, GEN_EMB),
+    "mmemb": Protocol("mmemb"),
+    "vlm2vec": Protocol("vlm2vec"),
+    "qwen3-vl-embedding": Protocol("qwen3-vl-embedding"),
+    "ume-r1": Protocol("ume-r1", DISC_EMB, GEN_EMB),
 }
 
 
@@ -177,7 +176,7 @@ def peer_vectors(backbone: Any, protocol: Protocol, prompts: list[str], visuals:
     positions, _ = bb.rope_positions(inputs)
     hidden = bb(inputs, positions).hidden
     at = torch.full((hidden.shape[0],), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
-    if token is not None and protocol.pool == "token":
+    if token is not None:
         ids = inputs["input_ids"] == tok.convert_tokens_to_ids(token)
         found = ids.any(dim=1)
         last = hidden.shape[1] - 1 - ids.flip(1).long().argmax(dim=1)
