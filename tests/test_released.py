@@ -1,6 +1,6 @@
 """The public surface on tiny random-weight models built from released Qwen-VL files: the real
 tokenizer, vocabulary (151,936 rows), special tokens, processor and chat template of
-Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct and Qwen3-VL-4B-Instruct, with a 2-layer, 64-wide
+Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct and Qwen3-VL-4B-Instruct, with a 2-layer, 32-wide
 model of each release's config (tests/assets/qwen-vl/SOURCES.md says where every file is from)."""
 
 from __future__ import annotations

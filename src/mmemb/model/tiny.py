@@ -189,8 +189,8 @@ def _classes(arch: str):
 
 
 # ---- from a released checkpoint's files -------------------------------------------------------
-# The shape a released config is shrunk to: two layers each side, 64-wide text, 32-wide vision.
-RELEASE_TINY = dict(text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1, text_ffn=128,
+# The shape a released config is shrunk to: two layers each side, 32 wide (151,936 x 32 embeddings).
+RELEASE_TINY = dict(text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, text_ffn=64,
                     vision_hidden=32, vision_layers=2, vision_heads=2, vision_ffn=64)
 
 
