@@ -14,7 +14,6 @@ config with fewer layers and a smaller hidden size.
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -241,8 +240,7 @@ def build_from_release(release: str | Path, out: str | Path, *, extra_files: Ite
     """A random-weight checkpoint of a released model's config, shrunk, with its real files.
 
     ``release`` holds the files a checkpoint ships besides its weights; ``extra_files`` adds
-    files kept elsewhere (e.g. a vocabulary shared by several releases). Files ending in ``.gz``
-    are decompressed. The released generation config, tokenizer, processor and chat template
+    files kept elsewhere (e.g. a vocabulary shared by several releases). The released generation config, tokenizer, processor and chat template
     are copied as they are; only ``config.json`` is shrunk (:func:`shrink_release_config`).
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -256,8 +254,5 @@ def build_from_release(release: str | Path, out: str | Path, *, extra_files: Ite
     for f in [*sorted(release.iterdir()), *map(Path, extra_files)]:
         if f.name == "config.json" or not f.is_file():
             continue
-        if f.suffix == ".gz":
-            (out / f.stem).write_bytes(gzip.decompress(f.read_bytes()))
-        else:
-            shutil.copyfile(f, out / f.name)
+        shutil.copyfile(f, out / f.name)
     return out
