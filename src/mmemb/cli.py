@@ -122,21 +122,32 @@ def serve(
     model: str = typer.Option(..., help="Checkpoint folder to serve."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000),
-    served_model_name: Optional[str] = typer.Option(None, help="Name in /v1/models and in requests' \"model\" "
-                                                                "(default: the checkpoint folder's name)."),
+    served_model_name: list[str] = typer.Option(
+        [], help="Name in /v1/models and in requests' \"model\" (default: the checkpoint folder's name); repeat it "
+                 "for more accepted names. The --model value as given is accepted too."),
     max_batch_size: int = typer.Option(_SERVE.max_batch_size,
                                        help="Items per model batch; concurrent requests are merged."),
+    max_batch_tokens: int = typer.Option(_SERVE.max_batch_tokens,
+                                         help="Tokens per model batch, counted with padding (items x the longest); "
+                                              "a longer item runs alone."),
     max_wait_ms: float = typer.Option(_SERVE.max_wait_ms,
                                       help="Longest a request waits for others to share its batch."),
     max_queued_items: int = typer.Option(_SERVE.max_queued_items,
                                          help="Items waiting at most; beyond, requests get 503."),
     max_body_bytes: int = typer.Option(_SERVE.max_body_bytes, help="Largest request body (413 beyond)."),
     max_items: int = typer.Option(_SERVE.max_items, help="Most items in one request (400 beyond)."),
+    max_input_tokens: Optional[int] = typer.Option(None, help="Most tokens of one input, images included (400 "
+                                                               "beyond, before any model work). Default: the "
+                                                               "model's context length."),
     max_image_pixels: int = typer.Option(_SERVE.max_image_pixels, help="Largest image, width x height (400 beyond)."),
-    request_timeout: float = typer.Option(_SERVE.request_timeout_s, help="Seconds a request may take (504 beyond)."),
+    request_timeout: float = typer.Option(_SERVE.request_timeout_s, help="Seconds a request may take (504 beyond; "
+                                                                         "its queued work is dropped)."),
     allow_local_root: Optional[Path] = typer.Option(None, help="Allow image paths, only inside this folder "
                                                                "(symlinks and .. resolved). Off by default."),
-    allow_urls: bool = typer.Option(False, help="Allow http(s) image URLs (fetched by the server). Off by default."),
+    allow_urls: bool = typer.Option(False, help="Allow http(s) image URLs to public addresses (fetched by the "
+                                                "server). Off by default."),
+    allow_private_urls: bool = typer.Option(False, help="With --allow-urls: also loopback, private and link-local "
+                                                        "addresses (trusted networks only)."),
     api_key: Optional[str] = typer.Option(None, envvar="MMEMB_API_KEY", show_default=False,
                                           help="Require 'Authorization: Bearer KEY' on /v1/*."),
     think_threshold: float = typer.Option(_SERVE.think_threshold,
@@ -150,15 +161,23 @@ def serve(
     from .model.embedder import Embedder
     from .serve import create_app, run_server
 
+    names = served_model_names(model, served_model_name)
     settings = ServeSettings(
-        model_name=served_model_name or Path(model).name, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_queued_items=max_queued_items, max_body_bytes=max_body_bytes, max_items=max_items,
-        max_image_pixels=max_image_pixels, request_timeout_s=request_timeout,
-        allow_local_root=None if allow_local_root is None else str(allow_local_root), allow_urls=allow_urls,
-        api_key=api_key or None, think_threshold=think_threshold, max_reasoning_tokens=max_reasoning_tokens)
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype,
-                                        max_image_pixels=max_image_pixels)
+        model_name=names[0], aliases=names[1:], max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+        max_wait_ms=max_wait_ms, max_queued_items=max_queued_items, max_body_bytes=max_body_bytes,
+        max_items=max_items, max_input_tokens=max_input_tokens, max_image_pixels=max_image_pixels,
+        request_timeout_s=request_timeout, allow_local_root=None if allow_local_root is None else str(allow_local_root),
+        allow_urls=allow_urls, allow_private_urls=allow_private_urls, api_key=api_key or None,
+        think_threshold=think_threshold, max_reasoning_tokens=max_reasoning_tokens)
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, max_image_pixels=max_image_pixels)
     run_server(create_app(embedder, settings), host=host, port=port, log_level=log_level)
+
+
+def served_model_names(model: str, given: list[str]) -> list[str]:
+    """The served name first (given, or the checkpoint folder's name), then the other accepted names:
+    further given names, and the --model value as typed and as an absolute path."""
+    names = list(given) or [Path(model).name]
+    return list(dict.fromkeys([*names, model, _model_ref(model)]))
 
 
 index_app = typer.Typer(help="Build and extend FAISS indexes of encoded items (then use `mmemb search`).",
