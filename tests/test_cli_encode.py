@@ -42,12 +42,31 @@ def test_cli_encode_writes_vectors_and_rows(tiny_path, items_file, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "5 items, 1 failed" in proc.stdout
+    assert "past_key_values" not in proc.stderr and "Warning" not in proc.stderr  # a normal run is quiet
     vecs = np.load(out.with_suffix(".npy"))
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert vecs.shape[0] == 5 and [r["id"] for r in rows] == ["q1", "q2", "q3", "3", "q5"]
     assert rows[2]["ok"] is False and "cannot identify" in rows[2]["error"]
     assert np.allclose(np.linalg.norm(vecs[[0, 1, 3, 4]], axis=1), 1, atol=1e-5)
     assert not (out.parent / "vecs.parts").exists()
+
+
+def test_only_the_cache_rename_warnings_of_transformers_are_silenced():
+    import logging
+    import warnings
+
+    from mmemb.model import silence_cache_rename_warnings
+
+    with warnings.catch_warnings(record=True) as seen:  # (pytest resets the filters of each test)
+        silence_cache_rename_warnings()
+        warnings.filterwarnings("always", message="another")
+        warnings.warn("`past_key_values` is deprecated and will be removed in version 5.40.0", FutureWarning)
+        warnings.warn("another deprecation", FutureWarning)
+    assert [str(w.message) for w in seen] == ["another deprecation"]
+    log = logging.getLogger("transformers.utils.generic")
+    record = (lambda msg: log.makeRecord(log.name, logging.WARNING, __file__, 1, msg, None, None))
+    assert not log.filter(record("`past_key_values`/`cache_params` are deprecated. Use `cache` instead."))
+    assert log.filter(record("something else"))
 
 
 def test_read_items_names_bad_line(tmp_path):

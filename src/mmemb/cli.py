@@ -78,6 +78,19 @@ def encode(
                f"{time.perf_counter() - start:.1f}s")
 
 
+@app.command("export-st")
+def export_st(
+    model: str = typer.Option(..., help="Checkpoint folder (a LoRA adapter is merged into its base)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write: load it with SentenceTransformer(OUT)."),
+    dtype: str = typer.Option("auto", help="Weights' dtype in the export (auto: float32 on CPU)."),
+):
+    """Export a checkpoint as a sentence-transformers model (direct-mode embeddings: sentence-transformers
+    cannot reason first). Needs `pip install mmemb[st]`."""
+    from .model.st_export import export_sentence_transformers
+
+    typer.echo(f"wrote {export_sentence_transformers(model, out, dtype=dtype)}: SentenceTransformer({str(out)!r})")
+
+
 @app.command("train")
 def train_cmd(
     config: Path = typer.Option(..., "--config", help="YAML recipe (see configs/ and docs/training.md)."),

@@ -58,6 +58,13 @@ class LossConfig:
     lm: float = 1.0  # alpha: next-token loss on the rationale tokens and </think>
     direct_nce: float = 1.0  # beta: InfoNCE of the direct query embedding (every pair)
     decision: float = 1.0  # gamma: <think> vs <emb> at the first assistant token (labelled pairs)
+    # Matryoshka: embedding sizes (smaller than the model's) trained to work alone as well: each adds
+    # both NCE terms on the first d dimensions, re-normalised, with the same weights. [] = off.
+    matryoshka_dims: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if any(d < 1 for d in self.matryoshka_dims):
+            raise ValueError(f"loss.matryoshka_dims must be positive sizes, not {self.matryoshka_dims}")
 
 
 @dataclass
