@@ -84,7 +84,7 @@ BAD_LINES = [  # (raw line, the reason its row must give; None: a good row)
     (b'{"id": "c", "text": "cut off', "not valid JSON"),
     (b'{"id": "d", "txt": "typo"}', "unknown item field(s): ['txt']"),
     (b'{"id": "e", "text": 5}', "field 'text' must be a string, not a number"),
-    (b'{"id": "f", "images": [3]}', "field 'images' must be a string or a list of strings"),
+    (b'{"id": "f", "images": [3]}', "field 'images' must be an image path or a list of them, not a list"),
     (b'{"id": "g", "text": "lone \\udc80 surrogate"}', "text is not valid Unicode text (lone surrogate"),
     (b'\xff\xfe\x00garbage', "not UTF-8 text (byte 0xff at byte 1"),
     (b'[1, 2]', "an item must be a JSON object, not a list"),

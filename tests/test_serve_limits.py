@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from mmemb import Item
-from mmemb.serve import ServeSettings
 from mmemb.serve import inputs as serve_inputs
 from mmemb.serve.batcher import DynamicBatcher
 
@@ -187,7 +186,8 @@ def test_url_guard_checks_every_resolved_address_and_every_redirect(embedder, tm
         for source, refused in [(f"http://mixed.test:{port}/a.png", "mixed.test resolves to 127.0.0.2"),
                                 (f"http://internal.test:{port}/a.png", "internal.test resolves to 127.0.0.2"),
                                 (f"{hops}/to/http://internal.test:{port}/a.png", "internal.test resolves to 127.0.0.2")]:
-            r = post(url, {"input": ["fine", {"image": source.replace("127.0.0.1", "public.test")}]})
+            source = source.replace("127.0.0.1", "public.test")
+            r = post(url, {"input": ["fine", {"image": source}]})
             assert r.status_code == 400 and refused in error_message(r), (source, r.text)
             assert "a private address: refused" in error_message(r)
 

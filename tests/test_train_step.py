@@ -46,7 +46,8 @@ def test_gradcache_equals_plain_step(tiny_path, mixed_data, overrides):
 
 
 def test_matryoshka_terms_in_the_step(tiny_path, mixed_data):
-    results, _ = step_results(tiny_path, mixed_data, chunks=(0, 3), overrides=(*DIRECT_ONLY, "loss.matryoshka_dims=[8]"))
+    overrides = (*DIRECT_ONLY, "loss.matryoshka_dims=[8]")
+    results, _ = step_results(tiny_path, mixed_data, chunks=(0, 3), overrides=overrides)
     terms = results[0][0]
     assert {"nce_direct@8", "nce_matryoshka"} <= set(terms)
     assert terms["loss"] == pytest.approx(terms["nce_direct"] + terms["nce_direct@8"], abs=1e-9)

@@ -9,9 +9,18 @@ from typing import Optional
 
 import typer
 
-from .defaults import (BATCH_SIZE, CORPUS_MODE, DEFAULT_MODE, DEFAULT_ON_ERROR, MAX_IMAGE_PIXELS,
-                       MAX_REASONING_TOKENS, THINK_THRESHOLD)
+from .defaults import (
+    BATCH_SIZE,
+    CORPUS_MODE,
+    DEFAULT_MODE,
+    DEFAULT_ON_ERROR,
+    MAX_IMAGE_PIXELS,
+    MAX_REASONING_TOKENS,
+    THINK_THRESHOLD,
+)
 from .serve.settings import ServeSettings
+
+IMAGE_PIXELS_HELP = "Largest image, width x height (the item fails beyond)."
 
 app = typer.Typer(
     help="mmemb: multimodal embeddings from a multimodal LLM that reasons only when reasoning helps.",
@@ -56,7 +65,7 @@ def encode(
     chunk_size: int = typer.Option(2048, help="Save finished work every this many items (and at least every "
                                               "--save-every seconds): a rerun after a kill continues from there."),
     save_every: float = typer.Option(30.0, help="Seconds between saves of finished work, at most (see --chunk-size)."),
-    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Largest image, width x height (the item fails beyond)."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help=IMAGE_PIXELS_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -213,7 +222,7 @@ def index_build(
     batch_size: int = typer.Option(BATCH_SIZE),
     think_threshold: float = typer.Option(THINK_THRESHOLD, help="auto mode: reason when p(<think>) >= this."),
     max_reasoning_tokens: int = typer.Option(MAX_REASONING_TOKENS),
-    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Largest image, width x height (the item fails beyond)."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help=IMAGE_PIXELS_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -385,7 +394,7 @@ def eval_(
     batch_size: int = typer.Option(BATCH_SIZE, help="Encode batch size; finished work is saved every 4 batches."),
     limit: Optional[int] = typer.Option(None, help="Only the first N queries of each task (a quick look; the "
                                                    "candidates they rank are encoded, not the whole task's)."),
-    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Largest image, width x height (the item fails beyond)."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help=IMAGE_PIXELS_HELP),
     split: str = typer.Option("test", help="MiniMMEB split to evaluate (test | val)."),
     cache: Optional[Path] = typer.Option(None, help="Candidate-embedding cache folder "
                                                     "(default ~/.cache/mmemb/eval, or $MMEMB_CACHE/eval)."),

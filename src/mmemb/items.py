@@ -122,10 +122,12 @@ class Item:
 
 
 ITEM_FIELDS = {"id", "instruction", "text", "rationale", "images", "image", "video", "meta"}
-# JSON type each field may have (None is always allowed): "str", "strs" (a string or a list of them),
-# "list" (a list of strings), "id" (a string or an integer), "dict".
-_FIELD_TYPES = {"id": "id", "instruction": "str", "text": "str", "rationale": "str", "image": "str",
-                "images": "strs", "video": "list", "meta": "dict"}
+# What each field may hold (None is always allowed). Images are paths or data URLs in JSON; a dict
+# built in Python may also hold PIL images or bytes.
+_FIELD_TYPES = {"id": "id", "instruction": "str", "text": "str", "rationale": "str", "image": "image",
+                "images": "images", "video": "frames", "meta": "dict"}
+_WANTED = {"id": "a string or an integer", "str": "a string", "image": "an image path",
+           "images": "an image path or a list of them", "frames": "a list of image paths", "dict": "an object"}
 
 
 def _check_types(row: dict[str, Any]) -> None:
@@ -133,19 +135,22 @@ def _check_types(row: dict[str, Any]) -> None:
         value = row.get(key)
         if value is None:
             continue
-        ok = {"str": isinstance(value, str),
-              "strs": isinstance(value, str) or _is_str_list(value),
-              "list": _is_str_list(value),
-              "id": isinstance(value, (str, int)) and not isinstance(value, bool),
+        ok = {"id": isinstance(value, (str, int)) and not isinstance(value, bool),
+              "str": isinstance(value, str),
+              "image": _is_image(value),
+              "images": _is_image(value) or _is_image_list(value),
+              "frames": _is_image_list(value),
               "dict": isinstance(value, dict)}[kind]
         if not ok:
-            wanted = {"str": "a string", "strs": "a string or a list of strings", "list": "a list of strings",
-                      "id": "a string or an integer", "dict": "an object"}[kind]
-            raise ValueError(f"field {key!r} must be {wanted}, not {_json_type(value)}")
+            raise ValueError(f"field {key!r} must be {_WANTED[kind]}, not {_json_type(value)}")
 
 
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+def _is_image(value: Any) -> bool:
+    return isinstance(value, (str, bytes, os.PathLike, Image.Image))
+
+
+def _is_image_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_image(v) for v in value)
 
 
 def _json_type(value: Any) -> str:
@@ -269,7 +274,7 @@ def load_image(src: ImageLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Im
     """
     if isinstance(src, Image.Image):
         _check_pixels(src.size, max_pixels)
-        return _guarded(_finish, src)  # an image opened lazily may still fail to decode
+        return _finish(src)
     if isinstance(src, bytes):
         if not src:
             raise ImageError("empty image data")
@@ -349,21 +354,7 @@ def _decode(buf: io.BytesIO, max_pixels: int) -> Image.Image:
     except Exception as e:
         raise ImageError(f"corrupt image header ({_describe(e)})") from None
     _check_pixels(img.size, max_pixels)
-    return _guarded(lambda im: _finish(_loaded(im)), img)
-
-
-def _loaded(img: Image.Image) -> Image.Image:
-    img.load()
-    return img
-
-
-def _guarded(fn, img: Image.Image) -> Image.Image:
-    try:
-        return fn(img)
-    except ImageError:
-        raise
-    except Exception as e:
-        raise ImageError(f"corrupt or truncated image ({_describe(e)})") from None
+    return _finish(img)
 
 
 def _describe(e: Exception) -> str:
@@ -379,8 +370,13 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
 
 
 def _finish(img: Image.Image) -> Image.Image:
-    img = ImageOps.exif_transpose(img)
-    return img if img.mode == "RGB" else img.convert("RGB")
+    """Decode the pixels (an image opened lazily may fail only now), apply the EXIF orientation, RGB."""
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except Exception as e:
+        raise ImageError(f"corrupt or truncated image ({_describe(e)})") from None
 
 
 def _image_key(src: ImageLike) -> Any:

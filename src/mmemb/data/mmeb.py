@@ -17,7 +17,6 @@ A ``minimmeb`` benchmark reads its tasks from a MiniMMEB folder's ``manifest.jso
 from __future__ import annotations
 
 import fnmatch
-
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any

@@ -53,8 +53,9 @@ def search(index: VectorIndex, embedder: Embedder, queries: list[Any], k: int = 
            mode: str = DEFAULT_MODE) -> tuple[list[list[Hit]], Encoded]:
     """Encode queries (with the index's encode settings) and find their ``k`` best items."""
     c = index.config
+    # on_error="raise": a query that cannot be encoded has no results to give
     enc = embedder.encode(queries, mode=mode, think_threshold=c.think_threshold,
-                          max_reasoning_tokens=c.max_reasoning_tokens)
+                          max_reasoning_tokens=c.max_reasoning_tokens, on_error="raise")
     return index.search(enc.embeddings, k), enc
 
 

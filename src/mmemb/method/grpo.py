@@ -155,7 +155,7 @@ def rl_step(policy: Backbone, reference: Backbone | None, reasoner: Reasoner, op
     t0 = time.perf_counter()
     queries = [p.query for p in batch]
     target_items, positive = _targets(batch)
-    targets = torch.from_numpy(Embedder(policy).encode(target_items, mode="direct").embeddings)
+    targets = torch.from_numpy(Embedder(policy).encode(target_items, mode="direct", on_error="raise").embeddings)
 
     prompts = [render_prompt(policy.processor, q) for q in queries]
     visuals = [load_visuals(q) for q in queries]

@@ -141,9 +141,10 @@ class Embedder:
         if prompt is not None and instruction is not None and prompt != instruction:
             raise ValueError("give the instruction once: prompt is an alias of instruction")
         single = isinstance(items, str)
+        show = show_progress if show_progress_bar is None else show_progress_bar
+        instruction = instruction if instruction is not None else prompt
         res = self._encode(as_items(items), mode, batch_size, max_reasoning_tokens, max_reasoning_steps,
-                           think_threshold, temperature, show_progress if show_progress_bar is None else show_progress_bar,
-                           on_error, instruction if instruction is not None else prompt)
+                           think_threshold, temperature, show, on_error, instruction)
         res.embeddings = finish_vectors(res.embeddings, truncate_dim, normalize_embeddings)
         if convert_to_tensor or convert_to_numpy:
             out = res.embeddings[0] if single else res.embeddings

@@ -108,9 +108,9 @@ def create_app(embedder: Any, settings: ServeSettings | None = None) -> FastAPI:
         except ValidationError as e:
             raise APIError(400, _validation_message(e)) from None
         if req.model is not None and req.model not in settings.accepted_names:
+            also = ", ".join(map(repr, settings.aliases)) or "none"
             raise APIError(404, f"model {req.model!r} is not served here; this server serves "
-                                f"{settings.model_name!r} (also accepted: {', '.join(map(repr, settings.aliases)) or 'none'})",
-                           "model", "model_not_found")
+                                f"{settings.model_name!r} (also accepted: {also})", "model", "model_not_found")
         if req.dimensions is not None and not 1 <= req.dimensions <= embedder.dim:
             raise APIError(400, f"dimensions must be between 1 and {embedder.dim} (this model's embeddings), "
                                 f"not {req.dimensions}", "dimensions")

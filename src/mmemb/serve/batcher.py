@@ -194,7 +194,10 @@ class DynamicBatcher:
 def _gather(rows: list[tuple[Encoded, int]]) -> Encoded:
     """One request's results, row by row from the batches that encoded its items."""
     failed = {id(res): {e.index: e for e in res.errors} for res, _ in rows}
-    pick = (lambda name: np.stack([getattr(res, name)[k] for res, k in rows]))
+
+    def pick(name: str) -> np.ndarray:
+        return np.stack([getattr(res, name)[k] for res, k in rows])
+
     errors = [ItemError(i, e.item_id, e.reason) for i, (res, k) in enumerate(rows)
               if (e := failed[id(res)].get(k)) is not None]
     return Encoded(
