@@ -155,3 +155,12 @@ def test_matryoshka_training_makes_truncated_vectors_retrieve():
     plain, matryoshka = train([]), train([2])
     assert plain[64] == matryoshka[64] == 1.0
     assert matryoshka[2] == 1.0 and plain[2] <= 0.5, (plain, matryoshka)  # measured: 1.0 against 0.31
+
+
+def test_matryoshka_dims_in_the_training_config():
+    from mmemb.train.config import ConfigError, load_config
+
+    cfg = load_config(None, ["model=m", "output_dir=o", "datasets=[d]", "loss.matryoshka_dims=[32,64]"])
+    assert cfg.loss.matryoshka_dims == [32, 64]
+    with pytest.raises(ConfigError, match="matryoshka_dims must be positive"):
+        load_config(None, ["model=m", "output_dir=o", "datasets=[d]", "loss.matryoshka_dims=[0]"])
