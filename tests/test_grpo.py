@@ -70,14 +70,14 @@ def test_resume_loads_its_state_with_weights_only(tiny_path, minimmeb_small, tmp
 
     import mmemb.method.grpo as grpo
 
-    part = _cfg(tiny_path, minimmeb_small, tmp_path / "part", steps=2)
+    part = _cfg(tiny_path, minimmeb_small, tmp_path / "part", steps=1)
     run_rl(part, show_progress=False)
     calls = []
     real_load = torch.load
     monkeypatch.setattr(grpo.torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
     marker = tmp_path / "ran"
     torch.save({"state": {}, "param_groups": [], "x": _Payload(marker)}, tmp_path / "part" / "last" / "optimizer.pt")
-    part.steps = 3
+    part.steps = 2
     try:
         run_rl(part, show_progress=False)
     except pickle.UnpicklingError:
