@@ -10,8 +10,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SRC / "mmemb"
 
-# What each layer may import (besides itself). The foundation is items / fileio / hub / _version.
-FOUNDATION = {"items", "fileio", "hub", "_version"}
+# What each layer may import (besides itself). The foundation is items / fileio / hub / defaults / _version.
+FOUNDATION = {"items", "fileio", "hub", "defaults", "_version"}
 ALLOWED = {
     **{name: FOUNDATION for name in FOUNDATION},
     "data": FOUNDATION,

@@ -73,8 +73,10 @@ def test_vlm2vec_last_token_of_its_plain_prompt(peer_paths):
     got = e.encode(batch).embeddings  # one left-padded batch
     for k, it in enumerate(batch):
         np.testing.assert_allclose(got[k], reference(e, prompts[k], it), atol=1e-4)
+    # No think / no-think decision: auto (the default policy) is direct; reason is refused.
+    np.testing.assert_array_equal(e.encode(batch, mode="auto").embeddings, got)
     with pytest.raises(ValueError, match="vlm2vec convention has modes direct"):
-        e.encode(batch, mode="auto")
+        e.encode(batch, mode="reason")
 
 
 def test_qwen3_vl_embedding_last_token_of_its_chat_prompt(peer_paths):

@@ -9,7 +9,18 @@ from typing import Optional
 
 import typer
 
+from .defaults import (
+    BATCH_SIZE,
+    CORPUS_MODE,
+    DEFAULT_MODE,
+    DEFAULT_ON_ERROR,
+    MAX_IMAGE_PIXELS,
+    MAX_REASONING_TOKENS,
+    THINK_THRESHOLD,
+)
 from .serve.settings import ServeSettings
+
+IMAGE_PIXELS_HELP = "Largest image, width x height (the item fails beyond)."
 
 app = typer.Typer(
     help="mmemb: multimodal embeddings from a multimodal LLM that reasons only when reasoning helps.",
@@ -44,12 +55,17 @@ def encode(
     input: Path = typer.Option(..., "--input", help="JSONL: one item per line, e.g. "
                                                     '{"id": "q1", "text": "...", "image": "img.png", "instruction": "..."}'),
     output: Path = typer.Option(..., help="Output prefix: writes OUTPUT.npy (vectors) and OUTPUT.jsonl (per item)."),
-    mode: str = typer.Option("auto", help="direct | reason | auto"),
-    batch_size: int = typer.Option(32),
-    think_threshold: float = typer.Option(0.5, help="auto mode: reason when p(<think>) >= this."),
-    max_reasoning_tokens: int = typer.Option(128),
+    mode: str = typer.Option(DEFAULT_MODE, help="direct | reason | auto"),
+    batch_size: int = typer.Option(BATCH_SIZE),
+    think_threshold: float = typer.Option(THINK_THRESHOLD, help="auto mode: reason when p(<think>) >= this."),
+    max_reasoning_tokens: int = typer.Option(MAX_REASONING_TOKENS),
     max_reasoning_steps: Optional[int] = typer.Option(None, help="Stop reasoning after this many sentences."),
-    on_error: str = typer.Option("skip", help="skip: report bad items and go on | raise: stop at the first."),
+    on_error: str = typer.Option(DEFAULT_ON_ERROR, help="skip: report bad items and lines, go on | raise: stop at "
+                                                        "the first."),
+    chunk_size: int = typer.Option(2048, help="Save finished work every this many items (and at least every "
+                                              "--save-every seconds): a rerun after a kill continues from there."),
+    save_every: float = typer.Option(30.0, help="Seconds between saves of finished work, at most (see --chunk-size)."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help=IMAGE_PIXELS_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -58,13 +74,30 @@ def encode(
     from .model.embedder import Embedder
 
     start = time.perf_counter()
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
-    s = run_encode(embedder, input, output, mode=mode, batch_size=batch_size, think_threshold=think_threshold,
-                   max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
-                   on_error=on_error, show_progress=True)
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, max_image_pixels=max_image_pixels)
+    with _user_errors():
+        s = run_encode(embedder, input, output, chunk_size=chunk_size, save_every_s=save_every, mode=mode,
+                       batch_size=batch_size, think_threshold=think_threshold,
+                       max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
+                       on_error=on_error, show_progress=True)
+    for row in s["failed_rows"][:20]:
+        typer.echo(f"  failed {row['id']}: {row['error']}", err=True)
     typer.echo(f"{s['items']} items, {s['failed']} failed, {s['reasoned_share']:.1%} reasoned, "
                f"{s['prompt_tokens']} prompt + {s['generated_tokens']} generated tokens, "
                f"{time.perf_counter() - start:.1f}s")
+
+
+@app.command("export-st")
+def export_st(
+    model: str = typer.Option(..., help="Checkpoint folder (a LoRA adapter is merged into its base)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write: load it with SentenceTransformer(OUT)."),
+    dtype: str = typer.Option("auto", help="Weights' dtype in the export (auto: float32 on CPU)."),
+):
+    """Export a checkpoint as a sentence-transformers model (direct-mode embeddings: sentence-transformers
+    cannot reason first). Needs `pip install mmemb[st]`."""
+    from .model.st_export import export_sentence_transformers
+
+    typer.echo(f"wrote {export_sentence_transformers(model, out, dtype=dtype)}: SentenceTransformer({str(out)!r})")
 
 
 @app.command("train")
@@ -111,21 +144,32 @@ def serve(
     model: str = typer.Option(..., help="Checkpoint folder to serve."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000),
-    served_model_name: Optional[str] = typer.Option(None, help="Name in /v1/models and in requests' \"model\" "
-                                                                "(default: the checkpoint folder's name)."),
+    served_model_name: list[str] = typer.Option(
+        [], help="Name in /v1/models and in requests' \"model\" (default: the checkpoint folder's name); repeat it "
+                 "for more accepted names. The --model value as given is accepted too."),
     max_batch_size: int = typer.Option(_SERVE.max_batch_size,
                                        help="Items per model batch; concurrent requests are merged."),
+    max_batch_tokens: int = typer.Option(_SERVE.max_batch_tokens,
+                                         help="Tokens per model batch, counted with padding (items x the longest); "
+                                              "a longer item runs alone."),
     max_wait_ms: float = typer.Option(_SERVE.max_wait_ms,
                                       help="Longest a request waits for others to share its batch."),
     max_queued_items: int = typer.Option(_SERVE.max_queued_items,
                                          help="Items waiting at most; beyond, requests get 503."),
     max_body_bytes: int = typer.Option(_SERVE.max_body_bytes, help="Largest request body (413 beyond)."),
     max_items: int = typer.Option(_SERVE.max_items, help="Most items in one request (400 beyond)."),
+    max_input_tokens: Optional[int] = typer.Option(None, help="Most tokens of one input, images included (400 "
+                                                               "beyond, before any model work). Default: the "
+                                                               "model's context length."),
     max_image_pixels: int = typer.Option(_SERVE.max_image_pixels, help="Largest image, width x height (400 beyond)."),
-    request_timeout: float = typer.Option(_SERVE.request_timeout_s, help="Seconds a request may take (504 beyond)."),
+    request_timeout: float = typer.Option(_SERVE.request_timeout_s, help="Seconds a request may take (504 beyond; "
+                                                                         "its queued work is dropped)."),
     allow_local_root: Optional[Path] = typer.Option(None, help="Allow image paths, only inside this folder "
                                                                "(symlinks and .. resolved). Off by default."),
-    allow_urls: bool = typer.Option(False, help="Allow http(s) image URLs (fetched by the server). Off by default."),
+    allow_urls: bool = typer.Option(False, help="Allow http(s) image URLs to public addresses (fetched by the "
+                                                "server). Off by default."),
+    allow_private_urls: bool = typer.Option(False, help="With --allow-urls: also loopback, private and link-local "
+                                                        "addresses (trusted networks only)."),
     api_key: Optional[str] = typer.Option(None, envvar="MMEMB_API_KEY", show_default=False,
                                           help="Require 'Authorization: Bearer KEY' on /v1/*."),
     think_threshold: float = typer.Option(_SERVE.think_threshold,
@@ -139,15 +183,23 @@ def serve(
     from .model.embedder import Embedder
     from .serve import create_app, run_server
 
+    names = served_model_names(model, served_model_name)
     settings = ServeSettings(
-        model_name=served_model_name or Path(model).name, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_queued_items=max_queued_items, max_body_bytes=max_body_bytes, max_items=max_items,
-        max_image_pixels=max_image_pixels, request_timeout_s=request_timeout,
-        allow_local_root=None if allow_local_root is None else str(allow_local_root), allow_urls=allow_urls,
-        api_key=api_key or None, think_threshold=think_threshold, max_reasoning_tokens=max_reasoning_tokens)
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto",
-                                        max_image_pixels=max_image_pixels)
+        model_name=names[0], aliases=names[1:], max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+        max_wait_ms=max_wait_ms, max_queued_items=max_queued_items, max_body_bytes=max_body_bytes,
+        max_items=max_items, max_input_tokens=max_input_tokens, max_image_pixels=max_image_pixels,
+        request_timeout_s=request_timeout, allow_local_root=None if allow_local_root is None else str(allow_local_root),
+        allow_urls=allow_urls, allow_private_urls=allow_private_urls, api_key=api_key or None,
+        think_threshold=think_threshold, max_reasoning_tokens=max_reasoning_tokens)
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, max_image_pixels=max_image_pixels)
     run_server(create_app(embedder, settings), host=host, port=port, log_level=log_level)
+
+
+def served_model_names(model: str, given: list[str]) -> list[str]:
+    """The served name first (given, or the checkpoint folder's name), then the other accepted names:
+    further given names, and the --model value as typed and as an absolute path."""
+    names = list(given) or [Path(model).name]
+    return list(dict.fromkeys([*names, model, _model_ref(model)]))
 
 
 index_app = typer.Typer(help="Build and extend FAISS indexes of encoded items (then use `mmemb search`).",
@@ -161,15 +213,16 @@ def index_build(
     input: Path = typer.Option(..., "--input", help="JSONL corpus: one item per line, e.g. "
                                                     '{"id": "d1", "text": "...", "image": "img.png"}'),
     out: Path = typer.Option(..., help="Index folder to write (replaced atomically)."),
-    mode: str = typer.Option("direct", help="How to encode the corpus: direct | reason | auto."),
+    mode: str = typer.Option(CORPUS_MODE, help="How to encode the corpus: direct | reason | auto."),
     kind: str = typer.Option("flat", help="flat (exact) | ivf | hnsw (approximate, for large corpora)."),
     nlist: Optional[int] = typer.Option(None, help="ivf: number of lists (default ~sqrt(n), trained on the corpus)."),
     nprobe: int = typer.Option(8, help="ivf: lists searched per query."),
     hnsw_m: int = typer.Option(32, help="hnsw: links per node."),
     ef_search: int = typer.Option(64, help="hnsw: candidates explored per query."),
-    batch_size: int = typer.Option(32),
-    think_threshold: float = typer.Option(0.5, help="auto mode: reason when p(<think>) >= this."),
-    max_reasoning_tokens: int = typer.Option(128),
+    batch_size: int = typer.Option(BATCH_SIZE),
+    think_threshold: float = typer.Option(THINK_THRESHOLD, help="auto mode: reason when p(<think>) >= this."),
+    max_reasoning_tokens: int = typer.Option(MAX_REASONING_TOKENS),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help=IMAGE_PIXELS_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -178,7 +231,7 @@ def index_build(
     from .jobs.index import build_index
     from .model.embedder import Embedder
 
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, max_image_pixels=max_image_pixels)
     with _user_errors():
         config = IndexConfig(model=_model_ref(model), dim=embedder.dim, kind=kind, mode=mode,
                              think_threshold=think_threshold, max_reasoning_tokens=max_reasoning_tokens,
@@ -192,7 +245,7 @@ def index_add(
     index: Path = typer.Option(..., help="Index folder (from `mmemb index build`)."),
     input: Path = typer.Option(..., "--input", help="JSONL of new items; their ids must be new."),
     model: Optional[str] = typer.Option(None, help="Checkpoint folder (default: the one the index records)."),
-    batch_size: int = typer.Option(32),
+    batch_size: int = typer.Option(BATCH_SIZE),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -205,7 +258,7 @@ def index_add(
         recorded = VectorIndex.load(index).config.model
         if model is not None and _model_ref(model) != recorded:
             typer.echo(f"warning: the index was built with {recorded}; adding vectors of {model}", err=True)
-        embedder = Embedder.from_pretrained(model or recorded, device=device, dtype=dtype, gate="auto")
+        embedder = Embedder.from_pretrained(model or recorded, device=device, dtype=dtype)
         report = add_to_index(embedder, input, index, batch_size=batch_size, show_progress=True)
     _echo_report(report, index)
 
@@ -238,7 +291,7 @@ def search(
         idx = VectorIndex.load(index)
         idx.config.nprobe = nprobe or idx.config.nprobe
         idx.config.ef_search = ef_search or idx.config.ef_search
-        embedder = Embedder.from_pretrained(model or idx.config.model, device=device, dtype=dtype, gate="auto")
+        embedder = Embedder.from_pretrained(model or idx.config.model, device=device, dtype=dtype)
         item = Item(text=query, images=[str(image)] if image else [], instruction=instruction)
         hits, enc = run_search(idx, embedder, [item], k=k, mode=REASONING_MODES[reasoning])
     if enc.reasoned[0]:
@@ -325,18 +378,23 @@ def tasks(
 @app.command("eval")
 def eval_(
     model: str = typer.Option(..., help="Checkpoint folder (or hub name when the hub is reachable)."),
-    tasks: str = typer.Option(..., help="Comma-separated task names and/or groups: minimmeb, mmeb-v2, "
-                                        "mmeb-v2-image|video|visdoc, image-classification, ... (see `mmemb tasks`)."),
+    tasks: str = typer.Option(..., help="Comma-separated task names, groups (minimmeb, mmeb-v2, "
+                                        "mmeb-v2-image|video|visdoc, image-classification, ...: see `mmemb tasks`) "
+                                        "and/or globs over task names ('Mini*', '*QA')."),
     out: Path = typer.Option(..., "--out", help="Run folder: RUN/<TASK>/{predictions.jsonl,score.json}, "
                                                 "RUN/summary.{json,md}. Rerun the same command to resume."),
-    mode: str = typer.Option("direct", help="Queries: direct | reason | auto (reason where the model chooses to)."),
+    mode: str = typer.Option(DEFAULT_MODE, help="Queries: direct | reason | auto (reason where the model chooses to)."),
     data: Optional[Path] = typer.Option(None, help="MiniMMEB folder, or a local MMEB-V2 copy "
                                                    "(image-tasks/, video-tasks/, visdoc-tasks/; see docs/eval.md)."),
-    candidate_mode: str = typer.Option("direct", help="Candidates: direct | reason | auto."),
-    think_threshold: float = typer.Option(0.5, help="auto mode: reason when p(<think>) >= this."),
-    max_reasoning_tokens: int = typer.Option(128, help="Reasoning budget per item; </think> is forced after it."),
+    candidate_mode: str = typer.Option(CORPUS_MODE, help="Candidates: direct | reason | auto."),
+    think_threshold: float = typer.Option(THINK_THRESHOLD, help="auto mode: reason when p(<think>) >= this."),
+    max_reasoning_tokens: int = typer.Option(MAX_REASONING_TOKENS,
+                                             help="Reasoning budget per item; </think> is forced after it."),
     max_reasoning_steps: Optional[int] = typer.Option(None, help="Stop reasoning after this many sentences."),
-    batch_size: int = typer.Option(32, help="Encode batch size; finished work is saved every 4 batches."),
+    batch_size: int = typer.Option(BATCH_SIZE, help="Encode batch size; finished work is saved every 4 batches."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N queries of each task (a quick look; the "
+                                                   "candidates they rank are encoded, not the whole task's)."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help=IMAGE_PIXELS_HELP),
     split: str = typer.Option("test", help="MiniMMEB split to evaluate (test | val)."),
     cache: Optional[Path] = typer.Option(None, help="Candidate-embedding cache folder "
                                                     "(default ~/.cache/mmemb/eval, or $MMEMB_CACHE/eval)."),
@@ -359,16 +417,19 @@ def eval_(
     start = time.perf_counter()
     if protocol not in ("auto", *PROTOCOLS):
         raise typer.BadParameter(f"choose auto or one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto", protocol=protocol)
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, protocol=protocol,
+                                        max_image_pixels=max_image_pixels)
     for side, value in (("--mode", mode), ("--candidate-mode", candidate_mode)):
-        if value not in embedder.protocol.modes:
-            raise typer.BadParameter(f"the {embedder.protocol.name} convention has modes "
-                                     f"{', '.join(embedder.protocol.modes)}", param_hint=side)
+        try:
+            embedder.protocol.resolve_mode(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint=side) from None
     try:
         summary = evaluate(embedder, selected, out, mode=mode, data=None if data is None else str(data),
                            candidate_mode=candidate_mode, think_threshold=think_threshold,
                            max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
-                           batch_size=batch_size, split=split, cache_dir=None if cache is None else str(cache))
+                           batch_size=batch_size, limit=limit, split=split,
+                           cache_dir=None if cache is None else str(cache))
     except (DataNotFound, EvalError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

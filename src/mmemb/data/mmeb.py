@@ -25,6 +25,7 @@ A ``minimmeb`` benchmark reads its tasks from a MiniMMEB folder's ``manifest.jso
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -293,7 +294,8 @@ def task_groups(tasks: dict[str, TaskInfo]) -> dict[str, list[str]]:
 
 
 def resolve_tasks(spec: str | list[str], data: str | Path | None = None) -> list[TaskInfo]:
-    """Tasks named by a ``--tasks`` value: comma-separated task names and/or group names.
+    """Tasks named by a ``--tasks`` value: comma-separated task names, group names and/or globs
+    over task names (``*``, ``?``, ``[...]``, case-insensitive: ``"Mini*"``, ``"*QA"``).
 
     Groups: ``mmeb-v2``, ``mmeb-v2-image|video|visdoc``, ``mmeb-v3``, ``mmeb-v3-text|tool|gui|memory|audio|...``,
     meta-task groups such as ``image-classification``, ``visdoc-vidore_v2`` or ``text-BRIGHT``,
@@ -319,6 +321,10 @@ def resolve_tasks(spec: str | list[str], data: str | Path | None = None) -> list
             names = groups[tok]
         elif tok in pool:
             names = [tok]
+        elif any(c in tok for c in "*?["):
+            names = [n for n in pool if fnmatch.fnmatchcase(n.lower(), tok.lower())]
+            if not names:
+                raise TaskSelectionError(f"no task matches {tok!r}; `mmemb tasks` lists them")
         else:
             raise TaskSelectionError(f"unknown task or group {tok!r}; `mmemb tasks` lists them "
                                      f"(groups: {', '.join(sorted(groups))})")

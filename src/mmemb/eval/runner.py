@@ -21,7 +21,7 @@ import io
 import shutil
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..data.loaders import DataNotFound, load_task
 from ..data.mmeb import TaskInfo, resolve_tasks
+from ..defaults import BATCH_SIZE, CORPUS_MODE, DEFAULT_MODE, MAX_REASONING_TOKENS, THINK_THRESHOLD
 from ..fileio import atomic_write_bytes, atomic_write_text, fingerprint, read_json, write_json, write_jsonl
 from ..items import RankingTask
 from ..model.embedder import MODES, Embedder
@@ -49,12 +50,13 @@ class EvalError(RuntimeError):
 class EvalConfig:
     """Everything that shapes an evaluation run (the CLI flags of ``mmemb eval``)."""
 
-    mode: str = "direct"  # queries: direct | reason | auto
-    candidate_mode: str = "direct"  # candidates: direct | reason | auto
-    batch_size: int = 32
-    think_threshold: float = 0.5
-    max_reasoning_tokens: int = 128
+    mode: str = DEFAULT_MODE  # queries: direct | reason | auto
+    candidate_mode: str = CORPUS_MODE  # candidates: direct | reason | auto
+    batch_size: int = BATCH_SIZE
+    think_threshold: float = THINK_THRESHOLD
+    max_reasoning_tokens: int = MAX_REASONING_TOKENS
     max_reasoning_steps: int | None = None
+    limit: int | None = None  # only the first `limit` queries of each task (a quick look)
     temperature: float = 0.0
     chunk_batches: int = 4  # work is saved every chunk_batches * batch_size items
     data: str | None = None  # MiniMMEB folder or local MMEB-V2 copy
@@ -69,6 +71,8 @@ class EvalConfig:
                 raise ValueError(f"mode must be one of {MODES}, not {side!r}")
         if self.batch_size < 1 or self.chunk_batches < 1:
             raise ValueError("batch_size and chunk_batches must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be >= 1")
 
     @property
     def chunk(self) -> int:
@@ -97,7 +101,7 @@ class EvalConfig:
 
 
 def evaluate(embedder: Embedder, tasks: str | Sequence[str | TaskInfo | RankingTask], out_dir: str | Path,
-             mode: str = "direct", **options: Any) -> dict[str, Any]:
+             mode: str = DEFAULT_MODE, **options: Any) -> dict[str, Any]:
     """Evaluate ``embedder`` on ``tasks`` into ``out_dir``; returns the summary (also in summary.json).
 
     ``tasks``: RankingTasks, registry TaskInfos, or names / groups as ``mmemb eval --tasks`` takes
@@ -122,6 +126,7 @@ def evaluate(embedder: Embedder, tasks: str | Sequence[str | TaskInfo | RankingT
             missing[spec.name] = str(e)
             print(f"skipping {spec.name}: {e}", file=sys.stderr)
             continue
+        task = first_queries(task, cfg.limit)
         score, keys = _run_task(embedder, task, out / task.name, cfg, cache, settings)
         scores.append(score)
         unique_keys.update(keys)
@@ -139,6 +144,21 @@ def evaluate(embedder: Embedder, tasks: str | Sequence[str | TaskInfo | RankingT
     write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", render_markdown(summary, title=f"Evaluation: {out.name}"))
     return summary
+
+
+def first_queries(task: RankingTask, limit: int | None) -> RankingTask:
+    """The task cut to its first ``limit`` queries, with the candidates they rank (all of them where
+    ranking is global)."""
+    if limit is None or limit >= len(task.queries):
+        return task
+    queries = task.queries[:limit]
+    if task.eval_type == "global":
+        return replace(task, queries=queries, relevance={q.id: task.relevance.get(q.id, {}) for q in queries})
+    lists = {q.id: task.candidate_lists[q.id] for q in queries}
+    kept = {cid for ids in lists.values() for cid in ids}
+    return replace(task, queries=queries, candidates=[c for c in task.candidates if c.id in kept],
+                   candidate_lists=lists, relevance={q.id: task.relevance.get(q.id, {}) for q in queries},
+                   meta={**task.meta, "candidate_refs": sum(len(ids) for ids in lists.values())})
 
 
 def _task_specs(tasks, cfg: EvalConfig) -> list[TaskInfo | RankingTask]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..defaults import CORPUS_MODE, MAX_REASONING_TOKENS, THINK_THRESHOLD
 from ..fileio import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
 
 KINDS = ("flat", "ivf", "hnsw")
@@ -31,9 +32,9 @@ class IndexConfig:
     model: str  # the checkpoint the vectors come from (search defaults to it)
     dim: int
     kind: str = "flat"
-    mode: str = "direct"  # how the items were encoded
-    think_threshold: float = 0.5
-    max_reasoning_tokens: int = 128
+    mode: str = CORPUS_MODE  # how the items were encoded
+    think_threshold: float = THINK_THRESHOLD
+    max_reasoning_tokens: int = MAX_REASONING_TOKENS
     nlist: int | None = None  # ivf: number of lists (default ~sqrt(n), at most n/39)
     nprobe: int = 8  # ivf: lists searched per query
     hnsw_m: int = 32  # hnsw: links per node

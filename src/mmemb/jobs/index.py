@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..defaults import BATCH_SIZE, DEFAULT_MODE
 from ..fileio import read_jsonl
 from ..index.store import Hit, IndexConfig, VectorIndex, format_ids
 from ..items import Item
@@ -32,14 +33,14 @@ class IndexReport:
 
 
 def build_index(embedder: Embedder, input_path: str | Path, out: str | Path, config: IndexConfig,
-                batch_size: int = 32, show_progress: bool = False) -> IndexReport:
+                batch_size: int = BATCH_SIZE, show_progress: bool = False) -> IndexReport:
     """A new index at ``out`` (replacing one there) from a JSONL file of items."""
     if embedder.dim != config.dim:
         raise ValueError(f"the config says dimension {config.dim}, the model gives {embedder.dim}")
     return _encode_into(VectorIndex(config), embedder, input_path, Path(out), batch_size, show_progress)
 
 
-def add_to_index(embedder: Embedder, input_path: str | Path, path: str | Path, batch_size: int = 32,
+def add_to_index(embedder: Embedder, input_path: str | Path, path: str | Path, batch_size: int = BATCH_SIZE,
                  show_progress: bool = False) -> IndexReport:
     """Add the items of a JSONL file to an existing index (earlier items keep their ids)."""
     index = VectorIndex.load(path)
@@ -49,19 +50,20 @@ def add_to_index(embedder: Embedder, input_path: str | Path, path: str | Path, b
 
 
 def search(index: VectorIndex, embedder: Embedder, queries: list[Any], k: int = 10,
-           mode: str = "auto") -> tuple[list[list[Hit]], Encoded]:
+           mode: str = DEFAULT_MODE) -> tuple[list[list[Hit]], Encoded]:
     """Encode queries (with the index's encode settings) and find their ``k`` best items."""
     c = index.config
+    # on_error="raise": a query that cannot be encoded has no results to give
     enc = embedder.encode(queries, mode=mode, think_threshold=c.think_threshold,
-                          max_reasoning_tokens=c.max_reasoning_tokens)
+                          max_reasoning_tokens=c.max_reasoning_tokens, on_error="raise")
     return index.search(enc.embeddings, k), enc
 
 
 def _encode_into(index: VectorIndex, embedder: Embedder, input_path: str | Path, out: Path,
                  batch_size: int, show_progress: bool) -> IndexReport:
     start = time.perf_counter()
-    items = read_items(input_path)
-    dups = index.duplicate_ids([item.id for item in items])
+    items = read_items(input_path)  # unreadable lines stand as BadLines: failed rows, left out
+    dups = index.duplicate_ids([item.id for item in items if isinstance(item, Item)])
     if dups:  # refused before any encoding
         raise ValueError(f"{input_path}: ids already in the index or repeated in the file: {format_ids(dups)} "
                          "(rows without an \"id\" are numbered by their line: give ids when adding)")

@@ -126,8 +126,9 @@ def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Pa
     gen = torch.Generator().manual_seed(cfg.seed)
     if start_step:
         rng.setstate(_tuple_state(read_json(state_path / "rl_state.json")["python_rng"]))
-        gen.set_state(torch.load(state_path / "torch_rng.pt"))
-        opt.load_state_dict(torch.load(state_path / "optimizer.pt"))
+        # weights_only: tensors and plain containers only; a tampered file cannot run code when loaded
+        gen.set_state(torch.load(state_path / "torch_rng.pt", weights_only=True))
+        opt.load_state_dict(torch.load(state_path / "optimizer.pt", weights_only=True))
     sampling = SamplingConfig(max_tokens=cfg.max_reasoning_tokens, temperature=cfg.temperature, generator=gen)
 
     with JsonlAppender(out / "log.jsonl") as log:
@@ -154,7 +155,7 @@ def rl_step(policy: Backbone, reference: Backbone | None, reasoner: Reasoner, op
     t0 = time.perf_counter()
     queries = [p.query for p in batch]
     target_items, positive = _targets(batch)
-    targets = torch.from_numpy(Embedder(policy).encode(target_items, mode="direct").embeddings)
+    targets = torch.from_numpy(Embedder(policy).encode(target_items, mode="direct", on_error="raise").embeddings)
 
     prompts = [render_prompt(policy.processor, q) for q in queries]
     visuals = [load_visuals(q) for q in queries]

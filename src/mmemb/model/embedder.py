@@ -12,7 +12,7 @@ Modes:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..items import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Item, ItemError, as_items, load_visuals
+from ..defaults import BATCH_SIZE, CORPUS_MODE, DEFAULT_MODE, DEFAULT_ON_ERROR, MAX_REASONING_TOKENS, THINK_THRESHOLD
+from ..items import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Item, ItemError, as_items, check_text, load_visuals
 from .backbone import Backbone, load_backbone
 from .generation import Reasoner, SamplingConfig, merge_caches
 from .kv_cache import new_cache
@@ -44,7 +45,7 @@ class Encoded:
     entry in ``errors``.
     """
 
-    embeddings: np.ndarray  # (N, D) float32, L2-normalised
+    embeddings: np.ndarray  # (N, D) float32, L2-normalised (unless encode(normalize_embeddings=False))
     reasoned: np.ndarray  # (N,) bool
     rationales: list[str | None]
     rationale_token_ids: list[list[int] | None]  # exactly what the model wrote between <think> and </think>
@@ -83,11 +84,13 @@ class Embedder:
         self._reasoner: Reasoner | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str, gate: Any = None, protocol: str = "auto", **opts) -> "Embedder":
+    def from_pretrained(cls, path: str, gate: Any = "auto", protocol: str = "auto", **opts) -> "Embedder":
         """Load a checkpoint folder (see :func:`mmemb.model.backbone.load_backbone` for options).
 
-        A gate saved in ``<path>/gate`` is loaded when ``gate="auto"``. ``protocol="auto"`` reads
-        the convention from the folder's tokenizer files (:func:`~mmemb.model.protocols.detect_protocol`).
+        ``gate``: ``"auto"`` (default) uses a plug-in gate saved in ``<path>/gate`` if there is one;
+        a folder path loads the gate saved there; None: no gate; or a gate object.
+        ``protocol="auto"`` reads the convention from the folder's tokenizer files
+        (:func:`~mmemb.model.protocols.detect_protocol`).
         """
         from .backbone import tokenizer_folder
 
@@ -99,11 +102,11 @@ class Embedder:
             resolved = get_protocol(protocol)
         backbone = load_backbone(path, add_tokens=resolved.name == "mmemb", **opts)
         if gate == "auto":
-            gate = None
-            if (Path(path) / "gate").is_dir():
-                from .gate import load_gate
+            gate = Path(path) / "gate" if (Path(path) / "gate").is_dir() else None
+        if isinstance(gate, (str, Path)):
+            from .gate import load_gate
 
-                gate = load_gate(Path(path) / "gate")
+            gate = load_gate(gate)
         return cls(backbone, gate=gate, max_image_pixels=max_image_pixels, protocol=resolved)
 
     @property
@@ -119,24 +122,72 @@ class Embedder:
     def encode(
         self,
         items: Iterable[Any],
-        mode: str = "direct",
-        batch_size: int = 32,
-        max_reasoning_tokens: int = 128,
+        mode: str = DEFAULT_MODE,
+        batch_size: int = BATCH_SIZE,
+        max_reasoning_tokens: int = MAX_REASONING_TOKENS,
         max_reasoning_steps: int | None = None,
-        think_threshold: float = 0.5,
+        think_threshold: float = THINK_THRESHOLD,
         temperature: float = 0.0,
         show_progress: bool = False,
-        on_error: str = "raise",
-    ) -> Encoded:
+        on_error: str = DEFAULT_ON_ERROR,
+        *,
+        instruction: str | None = None,
+        prompt: str | None = None,
+        show_progress_bar: bool | None = None,
+        normalize_embeddings: bool = True,
+        truncate_dim: int | None = None,
+        convert_to_numpy: bool = False,
+        convert_to_tensor: bool = False,
+    ) -> "Encoded | np.ndarray | torch.Tensor":
+        """Embed items (Items, strings, images, JSON-like dicts); returns an :class:`Encoded`.
+
+        The keywords follow sentence-transformers' ``encode``: ``instruction`` (or its alias
+        ``prompt``) is the task instruction of items that bring none; ``show_progress_bar`` is
+        ``show_progress``; ``normalize_embeddings=False`` returns the raw ``<emb>`` hidden states;
+        ``truncate_dim`` keeps the first dimensions (re-normalised: Matryoshka-trained models);
+        ``convert_to_numpy`` / ``convert_to_tensor`` return just the vectors as an array / tensor
+        (one vector for a single string, as sentence-transformers does).
+        """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        if mode not in self.protocol.modes:
-            raise ValueError(f"the {self.protocol.name} convention has modes {', '.join(self.protocol.modes)}, "
-                             f"not {mode!r}")
+        mode = self.protocol.resolve_mode(mode)
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
+        if truncate_dim is not None and not 1 <= truncate_dim <= self.dim:
+            raise ValueError(f"truncate_dim must be between 1 and {self.dim}, not {truncate_dim}")
+        if prompt is not None and instruction is not None and prompt != instruction:
+            raise ValueError("give the instruction once: prompt is an alias of instruction")
+        single = isinstance(items, str)
+        show = show_progress if show_progress_bar is None else show_progress_bar
+        instruction = instruction if instruction is not None else prompt
+        res = self._encode(as_items(items), mode, batch_size, max_reasoning_tokens, max_reasoning_steps,
+                           think_threshold, temperature, show, on_error, instruction)
+        res.embeddings = finish_vectors(res.embeddings, truncate_dim, normalize_embeddings)
+        if convert_to_tensor or convert_to_numpy:
+            out = res.embeddings[0] if single else res.embeddings
+            return torch.from_numpy(out) if convert_to_tensor else out
+        return res
+
+    def encode_query(self, items: Iterable[Any], **kw: Any) -> "Encoded | np.ndarray | torch.Tensor":
+        """Encode queries: ``mode`` defaults to the query side's (auto: the model decides)."""
+        return self.encode(items, **{"mode": DEFAULT_MODE, **kw})
+
+    def encode_document(self, items: Iterable[Any], **kw: Any) -> "Encoded | np.ndarray | torch.Tensor":
+        """Encode a corpus (documents, candidates): ``mode`` defaults to the corpus side's (direct)."""
+        return self.encode(items, **{"mode": CORPUS_MODE, **kw})
+
+    def similarity(self, a: Any, b: Any) -> torch.Tensor:
+        """Cosine similarities (len(a), len(b)) of two sets of vectors (arrays, tensors, Encoded, or
+        single vectors), as sentence-transformers' ``similarity``."""
+        a, b = _as_matrix(a), _as_matrix(b)
+        return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+
+    def _encode(self, items: list[Item], mode: str, batch_size: int, max_reasoning_tokens: int,
+                max_reasoning_steps: int | None, think_threshold: float, temperature: float, show_progress: bool,
+                on_error: str, instruction: str | None) -> Encoded:
         start = time.perf_counter()
-        items = as_items(items)
+        if instruction is not None:
+            items = [it if it.instruction is not None else replace(it, instruction=instruction) for it in items]
         n, dim = len(items), self.dim
         res = Encoded(
             embeddings=np.zeros((n, dim), np.float32), reasoned=np.zeros(n, bool), rationales=[None] * n,
@@ -157,6 +208,7 @@ class Embedder:
                 prepared: list[tuple[int, str, tuple]] = []
                 for i in range(w0, min(n, w0 + window)):
                     try:
+                        check_text(items[i])
                         prepared.append((i, self.protocol.render(self.backbone.processor, items[i], mode),
                                          load_visuals(items[i], self.max_image_pixels)))
                     except (ImageError, ItemError) as e:
@@ -235,7 +287,7 @@ class Embedder:
             think = p_think >= threshold
         mask = inputs["attention_mask"]
         res.tokens_processed += int(mask.sum())
-        emb = torch.nn.functional.normalize(out.hidden[:, -1].float(), dim=-1).cpu().numpy()
+        emb = out.hidden[:, -1].float().cpu().numpy()  # raw: normalised at the end of encode
         # One transfer each, not one per row (each would wait for the device).
         res.embeddings[idx] = emb  # reasoning rows are overwritten once decoded
         res.reasoned[idx] = think.cpu().numpy()
@@ -281,7 +333,7 @@ class Embedder:
         logits_first = pool[0].first_is_logits
         result = self.reasoner.run(cache, mask, torch.cat([p.next_pos for p in pool]), first, sampling, logits_first)
         rows = [i for p in pool for i in p.items]
-        emb = torch.nn.functional.normalize(result.embeddings, dim=-1).cpu().numpy()
+        emb = result.embeddings.float().cpu().numpy()  # raw: normalised at the end of encode
         texts = self.backbone.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
         for k, i in enumerate(rows):
             res.embeddings[i] = emb[k]
@@ -306,6 +358,22 @@ class _Pending:
     @property
     def rows(self) -> int:
         return len(self.items)
+
+
+def finish_vectors(vectors: np.ndarray, truncate_dim: int | None = None, normalize: bool = True) -> np.ndarray:
+    """Keep the first ``truncate_dim`` dimensions (Matryoshka) and L2-normalise (all-zero rows stay zero)."""
+    if truncate_dim is not None:
+        vectors = vectors[:, :truncate_dim]
+    if normalize:
+        vectors = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(vectors)), dim=-1).numpy()
+    return vectors
+
+
+def _as_matrix(x: Any) -> torch.Tensor:
+    if isinstance(x, Encoded):
+        x = x.embeddings
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    return t.unsqueeze(0) if t.dim() == 1 else t
 
 
 def _length_key(prompt: str, visuals: tuple) -> int:

@@ -63,6 +63,15 @@ class Protocol:
             return ("direct", "reason", "auto")
         return ("direct", "reason") if self.gen_token else ("direct",)
 
+    def resolve_mode(self, mode: str) -> str:
+        """The mode to run: ``auto`` on a convention without a think / no-think decision is direct
+        (so the default mode works on every checkpoint); a mode the convention lacks is an error."""
+        if mode == "auto" and mode not in self.modes:
+            return "direct"
+        if mode not in self.modes:
+            raise ValueError(f"the {self.name} convention has modes {', '.join(self.modes)}, not {mode!r}")
+        return mode
+
     def render(self, processor: Any, item: Item, mode: str = "direct") -> str:
         if self.name == "mmemb":
             return render_prompt(processor, item)

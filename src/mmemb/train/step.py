@@ -221,7 +221,8 @@ class TrainStep:
         if norms["decisions"]:
             terms["decision"] = ce / norms["decisions"]
             terms["acc_decision"] = correct / norms["decisions"]
-        terms["loss"] = (w.reason_nce * terms.get("nce_reason", 0.0) + w.direct_nce * terms.get("nce_direct", 0.0)
+        terms["loss"] = (terms.get("nce_matryoshka", 0.0)  # already weighted
+                         + w.reason_nce * terms.get("nce_reason", 0.0) + w.direct_nce * terms.get("nce_direct", 0.0)
                          + w.lm * terms.get("lm", 0.0) + w.decision * terms.get("decision", 0.0))
         return StepStats(terms=terms, pairs=norms["pairs"], skipped=int(skipped))
 
