@@ -39,3 +39,27 @@ def test_mixed_load_reports_short_and_long_requests(embedders):
         short, long = asyncio.run(mixed_load(url, shorts, {"input": [text], "reasoning": "never"}, 4, 1, "raw"))
     assert short["requests"] == 8 and short["errors"] == 0 and short["p99_ms"] >= short["p50_ms"] > 0
     assert long["long_requests"] >= 1 and long["long_errors"] == 0
+
+
+def test_gpu_script_smoke_mode(tmp_path):
+    """bench/gpu.sh runs every section on a tiny backbone on the CPU, as it will on a GPU."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--smoke", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["skipped"] == [] and r["setup"]["parameters_b"] > 0
+    assert r["matmul"]["tflops"] > 0
+    assert all(r["direct"][f"batch_{b}"]["tokens_per_s"] > 0 for b in (4, 8))
+    assert 0 < r["direct"]["batch_8"]["utilisation"] < 1
+    a = r["adaptive"]
+    assert a["invocation"] == 0.5 and a["baselines_max_abs_diff"] <= 1e-4
+    assert all(a[k] > 0 for k in ("adaptive_over_direct", "always_over_direct", "generate_over_reason",
+                                  "two_pass_over_reason"))
+    assert r["train"]["step_seconds"] > 0 and r["train"]["batch"] == 8
+    assert r["vllm"]["status"].startswith("needs a GPU")

@@ -137,6 +137,8 @@ def train_cmd(
 
 
 _SERVE = ServeSettings()  # the server's defaults, shown in `mmemb serve --help`
+ENGINE_HELP = ("What writes rationales: hf (the model itself) | vllm (a vLLM engine over the same checkpoint; "
+               "pip install 'mmemb[vllm]' and a CUDA GPU; the embedding still comes from the model).")
 
 
 @app.command()
@@ -175,12 +177,12 @@ def serve(
     think_threshold: float = typer.Option(_SERVE.think_threshold,
                                           help="reasoning=auto: reason when p(<think>) >= this."),
     max_reasoning_tokens: int = typer.Option(_SERVE.max_reasoning_tokens),
+    engine: str = typer.Option("hf", help=ENGINE_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
     log_level: str = typer.Option("info"),
 ):
     """Serve an OpenAI-compatible embedding API (POST /v1/embeddings, GET /v1/models, GET /health)."""
-    from .model.embedder import Embedder
     from .serve import create_app, run_server
 
     names = served_model_names(model, served_model_name)
@@ -191,7 +193,7 @@ def serve(
         request_timeout_s=request_timeout, allow_local_root=None if allow_local_root is None else str(allow_local_root),
         allow_urls=allow_urls, allow_private_urls=allow_private_urls, api_key=api_key or None,
         think_threshold=think_threshold, max_reasoning_tokens=max_reasoning_tokens)
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, max_image_pixels=max_image_pixels)
+    embedder = _load_embedder(model, device=device, dtype=dtype, max_image_pixels=max_image_pixels, engine=engine)
     run_server(create_app(embedder, settings), host=host, port=port, log_level=log_level)
 
 
@@ -314,6 +316,22 @@ def _echo_report(report, path: Path) -> None:
         typer.echo(f"  failed {item_id}: {reason}", err=True)
 
 
+def _load_embedder(model: str, engine: str, **opts):
+    """Embedder.from_pretrained; an unusable --engine (vLLM or GPU missing) ends the command with its reason."""
+    from .model.embedder import Embedder
+    from .model.vllm_engine import EngineUnavailable, check_engine
+
+    try:
+        check_engine(engine)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--engine") from None
+    try:
+        return Embedder.from_pretrained(model, engine=engine, **opts)
+    except EngineUnavailable as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 @contextlib.contextmanager
 def _user_errors():
     """Bad input (missing files, duplicate ids, bad rows) ends the command with its message, not a traceback."""
@@ -400,6 +418,7 @@ def eval_(
                                                     "(default ~/.cache/mmemb/eval, or $MMEMB_CACHE/eval)."),
     protocol: str = typer.Option("auto", help="Embedding convention: mmemb | vlm2vec | qwen3-vl-embedding | ume-r1 "
                                               "(auto: read from the model folder; see docs/eval.md)."),
+    engine: str = typer.Option("hf", help=ENGINE_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -407,7 +426,6 @@ def eval_(
     from .data.loaders import DataNotFound
     from .data.mmeb import TaskSelectionError, resolve_tasks
     from .eval.runner import EvalError, evaluate
-    from .model.embedder import Embedder
     from .model.protocols import PROTOCOLS
 
     try:
@@ -417,8 +435,8 @@ def eval_(
     start = time.perf_counter()
     if protocol not in ("auto", *PROTOCOLS):
         raise typer.BadParameter(f"choose auto or one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, protocol=protocol,
-                                        max_image_pixels=max_image_pixels)
+    embedder = _load_embedder(model, device=device, dtype=dtype, protocol=protocol,
+                              max_image_pixels=max_image_pixels, engine=engine)
     for side, value in (("--mode", mode), ("--candidate-mode", candidate_mode)):
         try:
             embedder.protocol.resolve_mode(value)

@@ -68,6 +68,7 @@ class RLConfig:
     # often wrong, which made reasoning look worse than the greedy reasoning inference does.
     temperature: float = 0.0
     max_reasoning_tokens: int = 64
+    compile: bool = True  # rollouts decode with the compiled step (False: the eager loop)
     reward: str = "mrr"  # mrr (reciprocal rank of the positive) | logprob (log p of the positive)
     reward_temperature: float = 0.02  # for the logprob reward and the direct NCE term
     one_task_per_step: bool = True  # each step's queries from one dataset: targets as hard as evaluation's
@@ -111,7 +112,7 @@ def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Pa
     if reference is not None:
         reference.requires_grad_(False)
     policy.train()
-    reasoner = Reasoner(policy)
+    reasoner = Reasoner(policy, compile=cfg.compile)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     pairs = [p for spec in cfg.data for p in read_pairs(spec)]
     if not pairs:

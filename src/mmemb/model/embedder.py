@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from ..defaults import BATCH_SIZE, CORPUS_MODE, DEFAULT_MODE, DEFAULT_ON_ERROR, MAX_REASONING_TOKENS, THINK_THRESHOLD
 from ..items import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Item, ItemError, as_items, check_text, load_visuals
 from .backbone import Backbone, load_backbone
-from .generation import Reasoner, SamplingConfig, merge_caches
+from .generation import Reasoner, SamplingConfig
 from .kv_cache import new_cache
 from .prompts import EMB, THINK
 from .protocols import Protocol, detect_protocol, get_protocol, peer_vectors
+from .vllm_engine import VLLMReasoner, check_engine, require_vllm
 
 MODES = ("direct", "reason", "auto")
 # The user-facing reasoning switch (server requests, search) -> the encode mode.
@@ -73,15 +74,25 @@ class Embedder:
 
     ``protocol`` is the embedding convention (:mod:`mmemb.model.protocols`): mmemb's own, or a
     peer's (``vlm2vec``, ``qwen3-vl-embedding``, ``ume-r1``) to evaluate its released checkpoint.
+    ``compile``: reasoning decodes with the compiled step (False: the eager loop).
+    ``engine``: what writes rationales, "hf" (this model) or "vllm" (a vLLM engine over the same
+    checkpoint; the embedding still comes from this model), checked here: a missing vLLM or GPU
+    fails now, not at the first request.
     """
 
     def __init__(self, backbone: Backbone, gate: Any = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 protocol: str | Protocol = "mmemb"):
+                 protocol: str | Protocol = "mmemb", compile: bool = True, engine: str = "hf"):
+        check_engine(engine)
         self.backbone = backbone
         self.gate = gate
         self.max_image_pixels = max_image_pixels
         self.protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
+        self.compile = compile
+        self.engine = engine
         self._reasoner: Reasoner | None = None
+        self._vllm: VLLMReasoner | None = None
+        if engine == "vllm":
+            self.vllm_reasoner()
 
     @classmethod
     def from_pretrained(cls, path: str, gate: Any = "auto", protocol: str = "auto", **opts) -> "Embedder":
@@ -95,6 +106,11 @@ class Embedder:
         from .backbone import tokenizer_folder
 
         max_image_pixels = opts.pop("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+        compile = opts.pop("compile", True)
+        engine = opts.pop("engine", "hf")
+        check_engine(engine)
+        if engine == "vllm":
+            require_vllm()  # before the weights load
         if protocol == "auto":
             folder = Path(tokenizer_folder(path))
             resolved = detect_protocol(folder) if folder.is_dir() else get_protocol("mmemb")
@@ -107,7 +123,8 @@ class Embedder:
             from .gate import load_gate
 
             gate = load_gate(gate)
-        return cls(backbone, gate=gate, max_image_pixels=max_image_pixels, protocol=resolved)
+        return cls(backbone, gate=gate, max_image_pixels=max_image_pixels, protocol=resolved, compile=compile,
+                   engine=engine)
 
     @property
     def dim(self) -> int:
@@ -116,8 +133,13 @@ class Embedder:
     @property
     def reasoner(self) -> Reasoner:
         if self._reasoner is None:
-            self._reasoner = Reasoner(self.backbone)
+            self._reasoner = Reasoner(self.backbone, compile=self.compile)
         return self._reasoner
+
+    def vllm_reasoner(self) -> VLLMReasoner:
+        if self._vllm is None:
+            self._vllm = VLLMReasoner(self.backbone, self.reasoner.banned, self.reasoner.ends_sentence)
+        return self._vllm
 
     def encode(
         self,
@@ -138,6 +160,7 @@ class Embedder:
         truncate_dim: int | None = None,
         convert_to_numpy: bool = False,
         convert_to_tensor: bool = False,
+        engine: str | None = None,
     ) -> "Encoded | np.ndarray | torch.Tensor":
         """Embed items (Items, strings, images, JSON-like dicts); returns an :class:`Encoded`.
 
@@ -146,11 +169,16 @@ class Embedder:
         ``show_progress``; ``normalize_embeddings=False`` returns the raw ``<emb>`` hidden states;
         ``truncate_dim`` keeps the first dimensions (re-normalised: Matryoshka-trained models);
         ``convert_to_numpy`` / ``convert_to_tensor`` return just the vectors as an array / tensor
-        (one vector for a single string, as sentence-transformers does).
+        (one vector for a single string, as sentence-transformers does). ``engine``: what writes
+        the rationales, "hf" or "vllm" (default: the embedder's own).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         mode = self.protocol.resolve_mode(mode)
+        engine = engine or self.engine
+        check_engine(engine)
+        if engine == "vllm" and mode != "direct":
+            self.vllm_reasoner()  # a missing vLLM or GPU fails before any work
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
         if truncate_dim is not None and not 1 <= truncate_dim <= self.dim:
@@ -161,7 +189,7 @@ class Embedder:
         show = show_progress if show_progress_bar is None else show_progress_bar
         instruction = instruction if instruction is not None else prompt
         res = self._encode(as_items(items), mode, batch_size, max_reasoning_tokens, max_reasoning_steps,
-                           think_threshold, temperature, show, on_error, instruction)
+                           think_threshold, temperature, show, on_error, instruction, engine)
         res.embeddings = finish_vectors(res.embeddings, truncate_dim, normalize_embeddings)
         if convert_to_tensor or convert_to_numpy:
             out = res.embeddings[0] if single else res.embeddings
@@ -184,7 +212,7 @@ class Embedder:
 
     def _encode(self, items: list[Item], mode: str, batch_size: int, max_reasoning_tokens: int,
                 max_reasoning_steps: int | None, think_threshold: float, temperature: float, show_progress: bool,
-                on_error: str, instruction: str | None) -> Encoded:
+                on_error: str, instruction: str | None, engine: str) -> Encoded:
         start = time.perf_counter()
         if instruction is not None:
             items = [it if it.instruction is not None else replace(it, instruction=instruction) for it in items]
@@ -219,11 +247,11 @@ class Embedder:
                     batch = prepared[b0:b0 + batch_size]
                     pool += self._prefill_safely(items, batch, mode, think_threshold, res, on_error, sampling)
                     if sum(p.rows for p in pool) >= max(batch_size, MAX_DECODE_ROWS):
-                        self._decode(pool, sampling, res)
+                        self._decode(pool, sampling, res, engine)
                         pool = []
                     bar.update(len(batch))
                 if pool:
-                    self._decode(pool, sampling, res)
+                    self._decode(pool, sampling, res, engine)
                 bar.update(min(n, w0 + window) - w0 - len(prepared))
         finally:
             bar.close()
@@ -298,15 +326,16 @@ class Embedder:
             return None
         sel = torch.nonzero(think).flatten()
         rows_idx = [idx[r] for r in sel.tolist()]
+        sources = [(prompts[r], visuals[r]) for r in sel.tolist()]
         if mode == "reason" or gate_p is not None:
             # The prefill ends in <think>: continue from its logits.
             cache.batch_select_indices(sel)
-            return _Pending(cache, mask[sel], next_pos[sel], next_logits[sel], True, rows_idx)
+            return _Pending(cache, mask[sel], next_pos[sel], next_logits[sel], True, rows_idx, sources)
         # The prefill ends in <emb>: drop that slot, feed <think> in its place.
         cache.crop(-1)
         cache.batch_select_indices(sel)
         first = torch.full((sel.numel(),), bb.ids.think, dtype=torch.long, device=bb.device)
-        return _Pending(cache, mask[sel, :-1], next_pos[sel] - 1, first, False, rows_idx)
+        return _Pending(cache, mask[sel, :-1], next_pos[sel] - 1, first, False, rows_idx, sources)
 
     @torch.no_grad()
     def _embed_peer(self, batch, mode: str, res: Encoded, sampling: SamplingConfig) -> None:
@@ -326,12 +355,17 @@ class Embedder:
             res.tokens_processed += len(written)
 
     @torch.no_grad()
-    def _decode(self, pool: list["_Pending"], sampling: SamplingConfig, res: Encoded) -> None:
-        """Decode the pooled reasoning rows of several prefills together, on their merged caches."""
-        cache, mask = merge_caches([p.cache for p in pool], [p.mask for p in pool], self.backbone)
-        first = torch.cat([p.first for p in pool])
+    def _decode(self, pool: list["_Pending"], sampling: SamplingConfig, res: Encoded, engine: str) -> None:
+        """Decode the pooled reasoning rows of several prefills together, on their caches."""
+        caches, masks = [p.cache for p in pool], [p.mask for p in pool]
+        next_pos = torch.cat([p.next_pos for p in pool])
         logits_first = pool[0].first_is_logits
-        result = self.reasoner.run(cache, mask, torch.cat([p.next_pos for p in pool]), first, sampling, logits_first)
+        if engine == "vllm":
+            result = self.vllm_reasoner().run(caches, masks, next_pos, logits_first,
+                                              [s for p in pool for s in p.sources], sampling)
+        else:
+            result = self.reasoner.run(caches, masks, next_pos, torch.cat([p.first for p in pool]), sampling,
+                                       logits_first)
         rows = [i for p in pool for i in p.items]
         emb = result.embeddings.float().cpu().numpy()  # raw: normalised at the end of encode
         texts = self.backbone.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
@@ -354,6 +388,7 @@ class _Pending:
     first: torch.Tensor  # next-token logits (prefill ended in <think>) or the token ids to feed first
     first_is_logits: bool
     items: list[int]
+    sources: list[tuple[str, tuple]]  # each row's rendered prompt and visuals (for engine="vllm")
 
     @property
     def rows(self) -> int:
