@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -121,6 +120,7 @@ def throughput(rounds: int) -> dict:
                 shutil.rmtree(work / f"{job}-{r}-1"), shutil.rmtree(work / f"{job}-{r}-2")
         return {job: {
             "ratio_two_over_one": statistics.median(s["one"]["seconds"] / s["two"]["seconds"] for s in runs),
+            "ratio_each_round": [round(s["one"]["seconds"] / s["two"]["seconds"], 3) for s in runs],
             "items_per_s_one": statistics.median(s["one"]["items"] / s["one"]["seconds"] for s in runs),
             "items_per_s_two": statistics.median(s["two"]["items"] / s["two"]["seconds"] for s in runs),
             "items": runs[0]["one"]["items"], "rounds": len(runs),
@@ -141,7 +141,7 @@ def memory_worker(kind: str, shards: Path, out: Path) -> None:
 
     from mmemb.index.store import IndexConfig, VectorIndex
 
-    baseline = _rss_mb()
+    baseline = _status_mb("VmRSS")
     paths = sorted(shards.glob("*.npy"))
 
     def batches():
@@ -156,7 +156,7 @@ def memory_worker(kind: str, shards: Path, out: Path) -> None:
     index.add_batches(batches, N_VECTORS)
     index.save(out)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")  # not ru_maxrss: after exec it also holds the parent's peak
     print(json.dumps({"kind": kind, "peak_mb": peak, "baseline_mb": baseline, "build_mb": peak - baseline,
                       "seconds": seconds, "index_file_mb": (out / "index.faiss").stat().st_size / 2**20,
                       "nlist": index.config.nlist, "pq_m": index.config.pq_m}))
@@ -198,9 +198,10 @@ def _exact_top10(queries: np.ndarray, shards: list[Path]) -> np.ndarray:
     return np.argsort(-scores, axis=1)[:, :10]
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """This process's resident memory (VmRSS: now; VmHWM: its peak), in MB."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def main() -> None:

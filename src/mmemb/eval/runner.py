@@ -141,7 +141,6 @@ def evaluate(embedder: Embedder, tasks: str | Sequence[str | TaskInfo | RankingT
     _encode(embedder, todo, cache, cfg, procs, out)
     if not procs.is_main:  # the main process scores and writes
         return procs.share(None)
-    cache.refresh()  # the shards the other processes wrote
     for r in todo:
         r.score = _score_task(r, embedder.dim, cache, cfg, start)
     scores = [r.score for r in runs]
@@ -269,7 +268,7 @@ def _encode(embedder: Embedder, todo: list[_TaskRun], cache: EmbeddingCache, cfg
     with tqdm(total=sum(sizes), desc="eval", unit="item", disable=not (cfg.show_progress and procs.is_main)) as bar:
         run_shared(sizes, done, work, procs, bar, out)
     if procs.is_main:
-        cache.refresh()
+        cache.refresh()  # the shards the other processes wrote
         for keys in c_chunks:  # each chunk's encoding time, shared out by candidate
             share = cache.shard_seconds(keys) / len(keys)
             for k in keys:

@@ -76,14 +76,13 @@ def _encode_into(index: VectorIndex, embedder: Embedder, input_path: str | Path,
     c = index.config
     work = out.parent / f".{out.name}.work"
     parts = encode_parts(embedder, input_path, items, work / "vectors.parts", chunk_size, mode=c.mode,
-                         batch_size=batch_size,
-                         think_threshold=c.think_threshold, max_reasoning_tokens=c.max_reasoning_tokens,
-                         show_progress=show_progress)
+                         batch_size=batch_size, think_threshold=c.think_threshold,
+                         max_reasoning_tokens=c.max_reasoning_tokens, show_progress=show_progress)
     procs = processes()
     report = None
     if procs.is_main:  # the other processes only encoded their chunks
         before = len(index)
-        failed = add_parts(index, parts, items)
+        failed = _add_parts(index, parts, items)
         index.save(out)
         shutil.rmtree(work, ignore_errors=True)
         report = IndexReport(added=len(index) - before, total=len(index), failed=failed,
@@ -91,7 +90,7 @@ def _encode_into(index: VectorIndex, embedder: Embedder, input_path: str | Path,
     return procs.share(report)
 
 
-def add_parts(index: VectorIndex, parts: list[Path], items: list[Item]) -> list[tuple[str, str]]:
+def _add_parts(index: VectorIndex, parts: list[Path], items: list[Item]) -> list[tuple[str, str]]:
     """Stream encoded chunks (``encode_parts``' files) into the index, one chunk in memory at a time;
     returns the items that failed to encode, as (id, reason)."""
     starts, count, failed, pos = [], 0, [], 0
