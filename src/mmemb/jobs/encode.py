@@ -17,7 +17,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Callable, Iterable
 
 import numpy as np
