@@ -17,13 +17,14 @@ ALLOWED = {
     "data": FOUNDATION,
     "model": FOUNDATION,
     "index": FOUNDATION,
+    "parallel": FOUNDATION,  # launching processes and sharing inference work between them (accelerate)
     "train": FOUNDATION | {"model", "data"},
     "method": FOUNDATION | {"model", "data", "train"},
-    "eval": FOUNDATION | {"model", "data"},
-    "jobs": FOUNDATION | {"model", "index"},
+    "eval": FOUNDATION | {"model", "data", "parallel"},
+    "jobs": FOUNDATION | {"model", "index", "parallel"},
     "serve": FOUNDATION | {"model"},
     "pipeline": FOUNDATION | {"model", "data", "train", "method", "eval"},
-    "cli": FOUNDATION | {"model", "data", "train", "method", "eval", "index", "jobs", "serve", "pipeline"},
+    "cli": FOUNDATION | {"model", "data", "train", "method", "eval", "index", "jobs", "serve", "pipeline", "parallel"},
     "mmemb": FOUNDATION | {"model"},  # the package's own __init__: the public API
 }
 

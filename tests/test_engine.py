@@ -50,11 +50,14 @@ def test_unknown_engine(embedders, mixed_items):
         embedders["qwen3_vl"].encode(mixed_items, mode="reason", engine="sglang")
 
 
-@pytest.mark.parametrize("verb", ["eval", "serve"])
+@pytest.mark.parametrize("verb", ["encode", "eval", "serve"])
 def test_cli_engine_errors_before_any_work(no_vllm, tiny_path, minimmeb_small, tmp_path, verb):
     args = {"eval": ["eval", "--model", tiny_path, "--tasks", "DigitSum", "--data", str(minimmeb_small),
                      "--out", str(tmp_path / "run")],
-            "serve": ["serve", "--model", tiny_path, "--port", "0"]}[verb]
+            "serve": ["serve", "--model", tiny_path, "--port", "0"],
+            "encode": ["encode", "--model", tiny_path, "--input", str(tmp_path / "items.jsonl"),
+                       "--output", str(tmp_path / "run" / "vectors")]}[verb]
+    (tmp_path / "items.jsonl").write_text('{"id": "q1", "text": "3 7 1"}\n')
     result = CliRunner().invoke(app, [*args, "--engine", "vllm"])
     assert result.exit_code == 2 and "pip install 'mmemb[vllm]'" in result.output
     assert not (tmp_path / "run").exists()

@@ -49,8 +49,17 @@ def init_backbone(
     typer.echo(f"wrote {arch} ({size}) backbone to {path}")
 
 
+_NUM_PROCESSES_HELP = ("Run on N processes: re-launched through `accelerate launch` (CPU: gloo, one thread each; "
+                       "with --device cuda, one GPU each). Under your own accelerate launch / torchrun, leave it out.")
+
+
+ENGINE_HELP = ("What writes rationales: hf (the model itself) | vllm (a vLLM engine over the same checkpoint; "
+               "pip install 'mmemb[vllm]' and a CUDA GPU; the embedding still comes from the model).")
+
+
 @app.command()
 def encode(
+    ctx: typer.Context,
     model: str = typer.Option(..., help="Checkpoint folder (or hub name when the hub is reachable)."),
     input: Path = typer.Option(..., "--input", help="JSONL: one item per line, e.g. "
                                                     '{"id": "q1", "text": "...", "image": "img.png", "instruction": "..."}'),
@@ -63,28 +72,32 @@ def encode(
     on_error: str = typer.Option(DEFAULT_ON_ERROR, help="skip: report bad items and lines, go on | raise: stop at "
                                                         "the first."),
     chunk_size: int = typer.Option(2048, help="Save finished work every this many items (and at least every "
-                                              "--save-every seconds): a rerun after a kill continues from there."),
+                                              "--save-every seconds): a rerun after a kill continues from there. "
+                                              "Also the unit of work shared between processes."),
     save_every: float = typer.Option(30.0, help="Seconds between saves of finished work, at most (see --chunk-size)."),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help=IMAGE_PIXELS_HELP),
+    engine: str = typer.Option("hf", help=ENGINE_HELP),
+    num_processes: int = typer.Option(1, "--num-processes", help=_NUM_PROCESSES_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
     """Encode items from a JSONL file (resumable: rerun after a kill to continue)."""
     from .jobs.encode import run_encode
-    from .model.embedder import Embedder
 
+    device = _processes_for(ctx, num_processes, device)
     start = time.perf_counter()
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, max_image_pixels=max_image_pixels)
+    embedder = _load_embedder(model, device=device, dtype=dtype, max_image_pixels=max_image_pixels, engine=engine)
     with _user_errors():
         s = run_encode(embedder, input, output, chunk_size=chunk_size, save_every_s=save_every, mode=mode,
                        batch_size=batch_size, think_threshold=think_threshold,
                        max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
                        on_error=on_error, show_progress=True)
-    for row in s["failed_rows"][:20]:
-        typer.echo(f"  failed {row['id']}: {row['error']}", err=True)
-    typer.echo(f"{s['items']} items, {s['failed']} failed, {s['reasoned_share']:.1%} reasoned, "
-               f"{s['prompt_tokens']} prompt + {s['generated_tokens']} generated tokens, "
-               f"{time.perf_counter() - start:.1f}s")
+    if _is_main():
+        for row in s["failed_rows"][:20]:
+            typer.echo(f"  failed {row['id']}: {row['error']}", err=True)
+        typer.echo(f"{s['items']} items, {s['failed']} failed, {s['reasoned_share']:.1%} reasoned, "
+                   f"{s['prompt_tokens']} prompt + {s['generated_tokens']} generated tokens, "
+                   f"{time.perf_counter() - start:.1f}s")
 
 
 @app.command("export-st")
@@ -118,15 +131,15 @@ def train_cmd(
     import subprocess
     import sys
 
+    from .parallel import launch_command, launched
     from .train.config import ConfigError, load_config
-    from .train.launch import launch_command, launched
     from .train.trainer import RunExists, TrainingDiverged, check_output_dir, train
 
     try:
         if (num_processes > 1 or accelerate_config) and not launched():
             check_output_dir(load_config(config, overrides or []), resume)  # fail here, not in N processes
             args = [f"--config={config}", *(["--resume"] if resume else []), *(overrides or [])]
-            cmd = launch_command(args, num_processes, str(accelerate_config) if accelerate_config else None)
+            cmd = launch_command(["train", *args], num_processes, str(accelerate_config) if accelerate_config else None)
             raise typer.Exit(subprocess.call(cmd))
         final = train(config, overrides or [], resume=resume)
     except (ConfigError, RunExists, TrainingDiverged, FileNotFoundError) as e:
@@ -137,9 +150,6 @@ def train_cmd(
 
 
 _SERVE = ServeSettings()  # the server's defaults, shown in `mmemb serve --help`
-ENGINE_HELP = ("What writes rationales: hf (the model itself) | vllm (a vLLM engine over the same checkpoint; "
-               "pip install 'mmemb[vllm]' and a CUDA GPU; the embedding still comes from the model).")
-
 
 @app.command()
 def serve(
@@ -211,20 +221,27 @@ app.add_typer(index_app, name="index")
 
 @index_app.command("build")
 def index_build(
+    ctx: typer.Context,
     model: str = typer.Option(..., help="Checkpoint folder to encode with (recorded in the index)."),
     input: Path = typer.Option(..., "--input", help="JSONL corpus: one item per line, e.g. "
                                                     '{"id": "d1", "text": "...", "image": "img.png"}'),
     out: Path = typer.Option(..., help="Index folder to write (replaced atomically)."),
     mode: str = typer.Option(CORPUS_MODE, help="How to encode the corpus: direct | reason | auto."),
-    kind: str = typer.Option("flat", help="flat (exact) | ivf | hnsw (approximate, for large corpora)."),
-    nlist: Optional[int] = typer.Option(None, help="ivf: number of lists (default ~sqrt(n), trained on the corpus)."),
-    nprobe: int = typer.Option(8, help="ivf: lists searched per query."),
+    kind: str = typer.Option("flat", help="flat (exact) | ivf | hnsw (approximate) | ivfpq (compressed codes, for "
+                                          "corpora whose float32 vectors do not fit in memory)."),
+    nlist: Optional[int] = typer.Option(None, help="ivf, ivfpq: number of lists (default ~sqrt(n), trained on the "
+                                                   "corpus)."),
+    nprobe: int = typer.Option(8, help="ivf, ivfpq: lists searched per query."),
+    pq_m: Optional[int] = typer.Option(None, help="ivfpq: bytes per vector (divides the dimension; default dim/8)."),
     hnsw_m: int = typer.Option(32, help="hnsw: links per node."),
     ef_search: int = typer.Option(64, help="hnsw: candidates explored per query."),
     batch_size: int = typer.Option(BATCH_SIZE),
     think_threshold: float = typer.Option(THINK_THRESHOLD, help="auto mode: reason when p(<think>) >= this."),
     max_reasoning_tokens: int = typer.Option(MAX_REASONING_TOKENS),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help=IMAGE_PIXELS_HELP),
+    chunk_size: int = typer.Option(2048, help="Items per saved chunk of vectors: the unit of resuming and of "
+                                              "sharing work between processes."),
+    num_processes: int = typer.Option(1, "--num-processes", help=_NUM_PROCESSES_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -233,13 +250,16 @@ def index_build(
     from .jobs.index import build_index
     from .model.embedder import Embedder
 
+    device = _processes_for(ctx, num_processes, device)
     embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, max_image_pixels=max_image_pixels)
     with _user_errors():
         config = IndexConfig(model=_model_ref(model), dim=embedder.dim, kind=kind, mode=mode,
                              think_threshold=think_threshold, max_reasoning_tokens=max_reasoning_tokens,
-                             nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
-        report = build_index(embedder, input, out, config, batch_size=batch_size, show_progress=True)
-    _echo_report(report, out)
+                             nlist=nlist, nprobe=nprobe, pq_m=pq_m, hnsw_m=hnsw_m, ef_search=ef_search)
+        report = build_index(embedder, input, out, config, batch_size=batch_size, show_progress=True,
+                             chunk_size=chunk_size)
+    if _is_main():
+        _echo_report(report, out)
 
 
 @index_app.command("add")
@@ -274,7 +294,7 @@ def search(
     model: Optional[str] = typer.Option(None, help="Checkpoint folder (default: the one the index records)."),
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
     reasoning: str = typer.Option("auto", help="auto (the model decides) | always | never."),
-    nprobe: Optional[int] = typer.Option(None, help="ivf: lists searched (default: as built)."),
+    nprobe: Optional[int] = typer.Option(None, help="ivf, ivfpq: lists searched (default: as built)."),
     ef_search: Optional[int] = typer.Option(None, help="hnsw: candidates explored (default: as built)."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
@@ -302,6 +322,25 @@ def search(
     for hit in hits[0]:
         text = hit.row.get("text") or " ".join(hit.row.get("images", []))
         typer.echo(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.id}\t{text[:100]}")
+
+
+def _processes_for(ctx: typer.Context, num_processes: int, device: str) -> str:
+    """``--num-processes N``: run this same command on N processes (then exit with their status).
+    Returns the device of this process (``cuda``: its own GPU when launched)."""
+    from .parallel import command_line, launch_command, launched, process_device
+
+    if num_processes > 1 and not launched():
+        import subprocess
+
+        raise typer.Exit(subprocess.call(launch_command(command_line(ctx), num_processes)))
+    return process_device(device)
+
+
+def _is_main() -> bool:
+    """Whether this is the process that reports (the only one, or rank 0 of the launched ones)."""
+    from .parallel import processes
+
+    return processes().is_main
 
 
 def _model_ref(model: str) -> str:
@@ -395,6 +434,7 @@ def tasks(
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     model: str = typer.Option(..., help="Checkpoint folder (or hub name when the hub is reachable)."),
     tasks: str = typer.Option(..., help="Comma-separated task names, groups (minimmeb, mmeb-v2, "
                                         "mmeb-v2-image|video|visdoc, image-classification, ...: see `mmemb tasks`) "
@@ -419,6 +459,7 @@ def eval_(
     protocol: str = typer.Option("auto", help="Embedding convention: mmemb | vlm2vec | qwen3-vl-embedding | ume-r1 "
                                               "(auto: read from the model folder; see docs/eval.md)."),
     engine: str = typer.Option("hf", help=ENGINE_HELP),
+    num_processes: int = typer.Option(1, "--num-processes", help=_NUM_PROCESSES_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -432,6 +473,7 @@ def eval_(
         selected = resolve_tasks(tasks, data)
     except TaskSelectionError as e:
         raise typer.BadParameter(str(e), param_hint="--tasks") from None
+    device = _processes_for(ctx, num_processes, device)
     start = time.perf_counter()
     if protocol not in ("auto", *PROTOCOLS):
         raise typer.BadParameter(f"choose auto or one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
@@ -451,11 +493,12 @@ def eval_(
     except (DataNotFound, EvalError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    typer.echo((out / "summary.md").read_text(encoding="utf-8"))
-    typer.echo(f"wrote {out}/summary.md ({time.perf_counter() - start:.1f}s)")
-    if summary["missing_tasks"]:
+    if _is_main():
+        typer.echo((out / "summary.md").read_text(encoding="utf-8"))
+        typer.echo(f"wrote {out}/summary.md ({time.perf_counter() - start:.1f}s)")
         for reason in summary["missing_tasks"].values():
             typer.echo(f"not evaluated: {reason}", err=True)
+    if summary["missing_tasks"]:
         raise typer.Exit(2)
 
 

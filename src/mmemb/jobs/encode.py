@@ -4,7 +4,8 @@ Work is saved in parts as it finishes (every ``chunk_size`` items, and at least 
 ``save_every_s`` seconds), so a killed job resumes where it stopped; the final files appear
 atomically at the end. A line that cannot be read (not UTF-8, not JSON, an unknown field, a
 field of the wrong type) is a failed row named by file and line, like an item that cannot be
-encoded: every other row is still encoded.
+encoded: every other row is still encoded. Under ``accelerate launch`` / torchrun (``mmemb
+encode --num-processes N``) the processes share the work and the main process merges it.
 """
 
 from __future__ import annotations
@@ -16,15 +17,29 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..defaults import BATCH_SIZE, DEFAULT_MODE, DEFAULT_ON_ERROR
-from ..fileio import atomic_save_npy, file_fingerprint, fingerprint, read_json, read_jsonl, write_json, write_jsonl
+from ..fileio import (
+    atomic_concat,
+    atomic_concat_npy,
+    atomic_save_npy,
+    atomic_write_text,
+    file_fingerprint,
+    fingerprint,
+    iter_jsonl,
+    read_json,
+    write_json,
+    write_jsonl,
+)
 from ..items import Item, ItemError, check_text
 from ..model.embedder import WINDOW_BATCHES, Embedder, Encoded
+from ..parallel import processes, run_shared
 
+CHUNK_SIZE = 2048  # rows a unit of work holds (about): saved at its end, shared between processes
 SAVE_EVERY_S = 30.0
 _PART = re.compile(r"^(\d{9})-(\d{9})$")
 
@@ -100,74 +115,106 @@ def output_paths(output: str | Path) -> tuple[Path, Path]:
     return out.with_suffix(".npy"), out.with_suffix(".jsonl")
 
 
-def run_encode(embedder: Embedder, input_path: str | Path, output: str | Path, chunk_size: int = 2048,
+def run_encode(embedder: Embedder, input_path: str | Path, output: str | Path, chunk_size: int = CHUNK_SIZE,
                on_error: str = DEFAULT_ON_ERROR, items: list[Item | BadLine] | None = None,
                save_every_s: float = SAVE_EVERY_S, show_progress: bool = False, **encode_kw) -> dict:
     """Encode the file's rows into OUTPUT.npy and OUTPUT.jsonl; returns the summary.
 
-    ``items``: the file's rows where the caller has read them already (:func:`read_items`).
+    ``items``: the file's rows where the caller has read them already (:func:`read_items`). Under
+    ``accelerate launch`` / torchrun every process must call it: the processes share the work
+    (:func:`encode_parts`), the main process merges it, streaming, and every process returns the
+    summary. The files are the same whatever the number of processes and however often the run
+    was killed and resumed.
+    """
+    rows = read_items(input_path, on_error) if items is None else items
+    npy_path, jsonl_path = output_paths(output)
+    work = npy_path.with_name(npy_path.stem + ".parts")
+    parts = encode_parts(embedder, input_path, rows, work, chunk_size, on_error, save_every_s, show_progress,
+                         **encode_kw)
+    procs = processes()
+    summary = None
+    if procs.is_main:
+        atomic_concat_npy(npy_path, [p.with_suffix(".npy") for p in parts], embedder.dim)
+        atomic_concat(jsonl_path, [p.with_suffix(".jsonl") for p in parts])
+        shutil.rmtree(work)
+        summary = _summary(iter_jsonl(jsonl_path))
+    return procs.share(summary)
+
+
+def encode_parts(embedder: Embedder, input_path: str | Path, rows: list[Item | BadLine], parts: Path,
+                 chunk_size: int = CHUNK_SIZE, on_error: str = DEFAULT_ON_ERROR,
+                 save_every_s: float = SAVE_EVERY_S, show_progress: bool = False, **encode_kw) -> list[Path]:
+    """Encode ``rows`` into parts saved as they finish (``PARTS/<first>-<stop>.npy`` + ``.jsonl``);
+    returns every part (without suffix), in row order, once all rows are encoded.
+
     Rows are encoded in fixed blocks (at most ``batch_size`` × 16 items, the embedder's own
-    window), so the vectors do not depend on when work was saved: a resumed run writes the same
-    bytes as an uninterrupted one.
+    window), so the vectors depend neither on when work was saved nor on which process encoded
+    it. Blocks form units of about ``chunk_size`` rows: the work launched processes share (each
+    takes the next unit nobody has), saved at the unit's end and at least every ``save_every_s``
+    seconds; a finished unit leaves a ``<first>-<stop>.done`` marker.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
-    rows = read_items(input_path, on_error) if items is None else items
-    npy_path, jsonl_path = output_paths(output)
-    parts = npy_path.with_name(npy_path.stem + ".parts")
-    key = fingerprint("parts-v2", file_fingerprint(input_path), chunk_size, on_error, encode_kw)
+    procs = processes()
+    key = fingerprint("parts-v3", file_fingerprint(input_path), chunk_size, on_error, encode_kw)
     manifest = parts / "manifest.json"
-    if parts.exists() and (not manifest.exists() or read_json(manifest).get("key") != key):
-        print(f"input or options changed since the partial run in {parts}; starting over", file=sys.stderr)
-        shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    write_json(manifest, {"key": key, "input": str(input_path)})
+    if procs.is_main:
+        if parts.exists() and (not manifest.exists() or read_json(manifest).get("key") != key):
+            print(f"input or options changed since the partial run in {parts}; starting over", file=sys.stderr)
+            shutil.rmtree(parts)
+        parts.mkdir(parents=True, exist_ok=True)
+        write_json(manifest, {"key": key, "input": str(input_path)})
+    procs.wait()
 
     n = len(rows)
     block = min(chunk_size, encode_kw.get("batch_size", BATCH_SIZE) * WINDOW_BATCHES)
-    start = _resume_point(parts)
-    bar = tqdm(total=n, initial=start, desc=f"encode ({encode_kw.get('mode', DEFAULT_MODE)})", unit="item",
-               disable=not show_progress)
-    vectors, results, first, last_save = [], [], start, time.monotonic()
-    try:
-        for b0 in range(start, n, block):
-            vecs, res_rows = _encode_block(embedder, rows[b0:b0 + block], b0, on_error, encode_kw)
+    size = block * max(1, chunk_size // block)
+    units = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+    def work(u: int, progress: Callable[[int], None]) -> None:
+        lo, hi = units[u]
+        first = _resume_point(parts, lo, hi)
+        vectors, results, last_save = [], [], time.monotonic()
+        for b0 in range(first, hi, block):
+            vecs, res_rows = _encode_block(embedder, rows[b0:min(hi, b0 + block)], b0, on_error, encode_kw)
             vectors.append(vecs)
             results += res_rows
             stop = b0 + len(res_rows)
-            bar.update(len(res_rows))
-            if stop - first >= chunk_size or time.monotonic() - last_save >= save_every_s or stop == n:
+            progress(len(res_rows))
+            if stop == hi or time.monotonic() - last_save >= save_every_s:
                 part = parts / f"{first:09d}-{stop:09d}"
                 atomic_save_npy(part.with_suffix(".npy"), np.concatenate(vectors))
                 write_jsonl(part.with_suffix(".jsonl"), results)  # written last: marks the part done
                 vectors, results, first, last_save = [], [], stop, time.monotonic()
-    finally:
-        bar.close()
+        atomic_write_text(parts / f"{lo:09d}-{hi:09d}.done", "")
 
-    done = _done_parts(parts)
-    vecs = [np.load(p.with_suffix(".npy")) for p in done]
-    out_rows = [r for p in done for r in read_jsonl(p.with_suffix(".jsonl"))]
-    atomic_save_npy(npy_path, np.concatenate(vecs) if vecs else np.zeros((0, embedder.dim), np.float32))
-    write_jsonl(jsonl_path, out_rows)
-    shutil.rmtree(parts)
-    return _summary(out_rows)
+    bar = tqdm(total=n, desc=f"encode ({encode_kw.get('mode', DEFAULT_MODE)})", unit="item",
+               disable=not (show_progress and procs.is_main))
+    with bar:
+        run_shared([hi - lo for lo, hi in units], lambda u: (parts / "{:09d}-{:09d}.done".format(*units[u])).exists(),
+                   work, procs, bar, parts)
+    return _done_parts(parts)
 
 
-def _done_parts(parts: Path) -> list[Path]:
-    """Finished parts (their .jsonl exists), in order; they cover rows 0.. without a gap."""
-    done = sorted(p.with_suffix("") for p in parts.glob("*.jsonl") if _PART.match(p.stem))
-    expected = 0
-    for p in done:
-        lo, hi = map(int, _PART.match(p.name).groups())
-        if lo != expected:
+def _done_parts(parts: Path, lo: int = 0, hi: int | None = None) -> list[Path]:
+    """Finished parts (their .jsonl exists) within rows ``lo:hi``, in order; they follow each other from ``lo``."""
+    done = []
+    for p in sorted(p.with_suffix("") for p in parts.glob("*.jsonl") if _PART.match(p.stem)):
+        first, stop = map(int, _PART.match(p.name).groups())
+        if first >= lo and (hi is None or stop <= hi):
+            done.append((first, stop, p))
+    expected = lo
+    for first, stop, p in done:
+        if first != expected:
             raise RuntimeError(f"{parts}: parts do not follow each other at row {expected}; delete the folder")
-        expected = hi
-    return done
+        expected = stop
+    return [p for _, _, p in done]
 
 
-def _resume_point(parts: Path) -> int:
-    done = _done_parts(parts)
-    return int(_PART.match(done[-1].name).group(2)) if done else 0
+def _resume_point(parts: Path, lo: int, hi: int) -> int:
+    """Where the unit of rows ``lo:hi`` continues: after its parts saved before a kill."""
+    done = _done_parts(parts, lo, hi)
+    return int(_PART.match(done[-1].name).group(2)) if done else lo
 
 
 def _encode_block(embedder: Embedder, rows: list[Item | BadLine], offset: int, on_error: str,
@@ -205,13 +252,17 @@ def _rows(items: list[Item], res: Encoded) -> list[dict]:
     return rows
 
 
-def _summary(rows: list[dict]) -> dict:
-    ok = [r for r in rows if r["ok"]]
-    return {
-        "items": len(rows),
-        "failed": len(rows) - len(ok),
-        "failed_rows": [{"id": r["id"], "error": r.get("error")} for r in rows if not r["ok"]],
-        "reasoned_share": (sum(r["reasoned"] for r in ok) / len(ok)) if ok else 0.0,
-        "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
-        "generated_tokens": sum(r["generated_tokens"] for r in rows),
-    }
+def _summary(rows: Iterable[dict]) -> dict:
+    """Counts over the per-item rows (read once, so the rows may stream from disk)."""
+    n = reasoned = prompt = generated = 0
+    failed = []
+    for r in rows:
+        n += 1
+        if not r["ok"]:
+            failed.append({"id": r["id"], "error": r.get("error")})
+        reasoned += bool(r["ok"] and r["reasoned"])
+        prompt += r["prompt_tokens"]
+        generated += r["generated_tokens"]
+    ok = n - len(failed)
+    return {"items": n, "failed": len(failed), "failed_rows": failed, "reasoned_share": reasoned / ok if ok else 0.0,
+            "prompt_tokens": prompt, "generated_tokens": generated}

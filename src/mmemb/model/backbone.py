@@ -99,7 +99,9 @@ class Backbone(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        # not lm_head.weight: behind peft's trainable-token wrapper that weight is computed, which
+        # fails on FSDP's sharded parameters outside a forward
+        return self.hf_model.dtype
 
     # ---- computation -----------------------------------------------------------------------
     def forward(
