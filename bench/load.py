@@ -2,6 +2,8 @@
 
     python bench/load.py [--concurrency 200] [--requests 1000] [--reasoning never] [--rounds 3]
                          [--client httpx|raw] [--torch-threads N]
+    python bench/load.py --mixed [--long-tokens 4000] [--long-clients 2] [--long-gap-ms 200] [--concurrency 16]
+                         [--requests 200]
 
 Starts the server (a subprocess, as in deployment) on a tiny backbone and sends ``--requests``
 one-item requests (half image + question, half caption) from ``--concurrency`` concurrent
@@ -15,6 +17,12 @@ the ratio here is a lower bound: with a real backbone the per-request cost is sm
 model's. ``--client raw`` (a minimal asyncio client) leaves more of a small machine's CPU to the
 server than httpx; ``--torch-threads`` sets torch's CPU threads alike in both (on a busy machine
 they change throughput several-fold).
+
+``--mixed``: long inputs beside short ones. ``--long-clients`` clients send one-item requests of
+``--long-tokens`` tokens, each after a random pause (mean ``--long-gap-ms``), while ``--concurrency`` clients send the short requests; each
+round measures the short requests alone, then with the long traffic, side by side. Prints the
+short requests' p50/p99 both ways (and their ratio), the long requests served, every error, whether
+an input over the server's token limit was refused with 400, and whether the server is still up.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -57,7 +66,8 @@ def free_port() -> int:
 def start_server(model: str, port: int, max_batch_size: int, max_wait_ms: float) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmemb.cli", "serve", "--model", model, "--port", str(port), "--log-level", "warning",
-         "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--request-timeout", "300"])
+         "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--request-timeout", "300",
+         "--served-model-name", "bench"])
     deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
@@ -99,11 +109,90 @@ async def load(url: str, bodies: list[dict], concurrency: int, client: str = "ht
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(post) for post in posts))
         seconds = time.perf_counter() - start
-    latencies.sort()
     return {"requests": len(bodies), "seconds": seconds, "requests_per_s": len(bodies) / seconds,
-            "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "errors": len(errors), "first_errors": errors[:3]}
+            **percentiles(latencies), "errors": len(errors), "first_errors": errors[:3]}
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
+    return {"p50_ms": 1000 * statistics.median(ordered),
+            "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+
+
+async def mixed_load(url: str, shorts: list[dict], long_body: dict, concurrency: int, long_clients: int,
+                     client: str, gap_s: float = 0.2, seed: int = 0) -> tuple[dict, dict]:
+    """The short requests from ``concurrency`` clients while ``long_clients`` clients send long ones
+    (from before the first short request to after the last), each after a random pause (exponential,
+    mean ``gap_s``): long requests arrive at any moment, not in step with the batches."""
+    connect = _httpx_connection if client == "httpx" else _raw_connection
+    stop, latencies, errors = asyncio.Event(), [], []
+    rng = random.Random(seed)
+
+    async def long_loop(post) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(rng.expovariate(1 / gap_s))
+            t = time.perf_counter()
+            status, text = await post("/v1/embeddings", json.dumps(long_body).encode())
+            latencies.append(time.perf_counter() - t)
+            if status != 200:
+                errors.append(f"{status}: {text[:200]}")
+
+    async with contextlib.AsyncExitStack() as stack:
+        posts = [await stack.enter_async_context(connect(url)) for _ in range(long_clients)]
+        tasks = [asyncio.create_task(long_loop(post)) for post in posts]
+        await asyncio.sleep(0.5)  # the long traffic is under way
+        short = await load(url, shorts, concurrency, client)
+        stop.set()
+        await asyncio.gather(*tasks)
+    return short, {"long_requests": len(latencies), **({f"long_{k}": v for k, v in percentiles(latencies).items()}
+                                                        if latencies else {}),
+                   "long_errors": len(errors), "first_long_errors": errors[:3]}
+
+
+def long_text(embedder, tokens: int) -> str:
+    """A text of about ``tokens`` tokens as the server counts them (its rendered prompt included)."""
+    from mmemb import Item
+    from mmemb.model.token_count import count_tokens
+
+    words = " ".join(str(d) for d in range(10)) + " "
+    text = words * max(1, tokens // 10)
+    while count_tokens(embedder.backbone, [Item(text=text)])[0] > tokens:
+        text = text[: int(len(text) * 0.95)]
+    return text
+
+
+def run_mixed(args, embedder, url: str, bodies: list[dict]) -> dict:
+    import httpx as client_lib
+
+    long_body = {"input": [long_text(embedder, args.long_tokens)], "reasoning": args.reasoning}
+    context = client_lib.get(url + "/v1/models", trust_env=False).json()["data"][0]["max_model_len"]
+    over = client_lib.post(url + "/v1/embeddings", json={"input": ["1 " * (2 * context)]}, timeout=300,
+                           trust_env=False)
+    rounds = []
+    for _ in range(args.rounds):  # alone, then beside long traffic, side by side (the machine drifts)
+        alone = asyncio.run(load(url, bodies, args.concurrency, args.client))
+        beside, long_stats = asyncio.run(mixed_load(url, bodies, long_body, args.concurrency, args.long_clients,
+                                                    args.client, args.long_gap_ms / 1000, seed=len(rounds)))
+        rounds.append({"short_alone": alone, "short_with_long": beside, **long_stats,
+                       "p99_with_over_without": beside["p99_ms"] / alone["p99_ms"]})
+    health = client_lib.get(url + "/health", trust_env=False)
+    return {
+        "long_tokens": args.long_tokens, "long_clients": args.long_clients, "long_gap_ms": args.long_gap_ms,
+        "short_concurrency": args.concurrency,
+        "short_requests_per_round": len(bodies), "max_input_tokens": context,
+        "over_limit_refused_400": over.status_code == 400,
+        "errors": sum(r["short_alone"]["errors"] + r["short_with_long"]["errors"] + r["long_errors"] for r in rounds),
+        "server_up": health.status_code == 200 and health.json()["status"] == "ok",
+        "median": {
+            "short_p50_ms_alone": statistics.median(r["short_alone"]["p50_ms"] for r in rounds),
+            "short_p99_ms_alone": statistics.median(r["short_alone"]["p99_ms"] for r in rounds),
+            "short_p50_ms_with_long": statistics.median(r["short_with_long"]["p50_ms"] for r in rounds),
+            "short_p99_ms_with_long": statistics.median(r["short_with_long"]["p99_ms"] for r in rounds),
+            "p99_with_over_without": statistics.median(r["p99_with_over_without"] for r in rounds),
+            "long_p50_ms": statistics.median(r.get("long_p50_ms", float("nan")) for r in rounds),
+        },
+        "rounds": rounds,
+    }
 
 
 @contextlib.asynccontextmanager
@@ -151,6 +240,10 @@ def main() -> None:
                     help="httpx, or a minimal asyncio HTTP/1.1 client that costs the shared CPU less")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch CPU threads, in-process and in the server (OMP_NUM_THREADS); default: torch's")
+    ap.add_argument("--mixed", action="store_true", help="short requests alone and beside long ones (see above)")
+    ap.add_argument("--long-tokens", type=int, default=4000, help="--mixed: tokens of each long input")
+    ap.add_argument("--long-clients", type=int, default=2, help="--mixed: clients sending long inputs")
+    ap.add_argument("--long-gap-ms", type=float, default=200, help="--mixed: mean pause before each long request")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # here and in the server (inherited)
 
@@ -183,6 +276,11 @@ def main() -> None:
     try:
         asyncio.run(load(url, bodies[:args.max_batch_size], min(args.concurrency, args.max_batch_size),
                          args.client))  # warm-up
+        if args.mixed:
+            print(json.dumps({"client": args.client, "backbone": args.size, "reasoning": args.reasoning,
+                              "torch_threads": torch.get_num_threads(),
+                              **run_mixed(args, embedder, url, bodies)}, indent=2))
+            return
         # Rounds of (in-process encode, server load), side by side: the shared machine drifts.
         for _ in range(args.rounds):
             in_process = encode_throughput()

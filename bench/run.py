@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,14 +21,30 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from common import median_times, mixed_items, tiny_embedder  # noqa: E402
+
+BUDGET = 64  # reasoning tokens, as the demo's evaluation
+REPEATS = 7  # interleaved samples per timed variant
+MEASURES = ("encode", "decode", "eval", "gradcache", "selection", "flops", "server")
 
 ROWS = [  # key, measure, goal, the function it measures
     ("auto_no_think_over_direct", "auto mode that decides not to think / direct mode, encode time", "<= 1.05",
      "Embedder.encode"),
-    ("adaptive_over_direct", "adaptive encode time / direct, MiniMMEB test mix (trained model)", "<= 1.3",
+    ("adaptive_over_direct", "adaptive encode time / direct, MiniMMEB test mix (trained model)", "<= 1.25",
      "Embedder.encode"),
-    ("always_over_direct", "always-reason encode time / direct, same mix (beside it)", "report", "Embedder.encode"),
+    ("always_over_direct", "always-reason encode time / direct, same mix (beside it)", "<= 1.5", "Embedder.encode"),
+    ("compiled_over_eager_decode", "compiled / eager decode-step time, reason mode on the same mix", "<= 0.5",
+     "generation.Reasoner.run"),
+    ("compiled_over_eager_decode_adaptive", "compiled / eager decode-step time, adaptive mode's reasoning rows",
+     "<= 0.5", "generation.Reasoner.run"),
+    ("generate_over_reason", "generate(output_hidden_states) baseline / our reason mode, same rationales", ">= 1.5",
+     "bench/baselines.py"),
+    ("two_pass_over_reason", "two-pass baseline (generate, then re-encode) / our reason mode, same rationales",
+     ">= 2.0", "bench/baselines.py"),
+    ("generate_over_auto", "generate(output_hidden_states) baseline / our auto mode", "report", "bench/baselines.py"),
+    ("two_pass_over_auto", "two-pass baseline / our auto mode", "report", "bench/baselines.py"),
     ("batched_speedup", "batched encode (batch 32) / item by item: speed-up", ">= 5", "Embedder.encode"),
     ("reason_tokens_ratio", "reasoning mode: tokens processed / (prompt + generated + 1)", "== 1",
      "Embedder.encode (generation.Reasoner)"),
@@ -66,30 +83,86 @@ def test_mix(benchmark: str, per_task: int = 32):
     return queries
 
 
-def measure_encode(tiny, model: str, benchmark: str) -> dict:
+def measure_encode(tiny, model: str, benchmark: str, per_task: int = 32, repeats: int = REPEATS) -> dict:
+    """Direct, adaptive and always-reason encodes of the test mix beside the two peer baselines (on
+    the rationales our reason mode wrote), interleaved; the first reason-mode call (which compiles
+    the decoding step) is timed apart."""
+    from baselines import generate_baseline, two_pass_baseline
     from encode_ratios import measure as ratios
 
     from mmemb import Embedder
 
     out = ratios(tiny, mixed_items(64))
     e = Embedder.from_pretrained(model)
-    mix = test_mix(benchmark)
+    mix = test_mix(benchmark, per_task)
     last = {}  # each mode's latest result (greedy decoding: every run gives the same)
 
     def encode(mode: str) -> None:
-        last[mode] = e.encode(mix, mode=mode, batch_size=32, max_reasoning_tokens=64)
+        last[mode] = e.encode(mix, mode=mode, batch_size=32, max_reasoning_tokens=BUDGET)
 
-    t = median_times({m: (lambda m=m: encode(m)) for m in ("direct", "auto", "reason")}, repeats=7)
+    t = time.perf_counter()
+    encode("reason")
+    first_call = time.perf_counter() - t
+    rationales = last["reason"].rationale_token_ids
+    systems = {m: (lambda m=m: encode(m)) for m in ("direct", "auto", "reason")}
+    systems["generate"] = lambda: last.update(generate=generate_baseline(e, mix, rationales))
+    systems["two_pass"] = lambda: last.update(two_pass=two_pass_baseline(e, mix, rationales))
+    t = median_times(systems, repeats=repeats)
     auto, reason = last["auto"], last["reason"]
     return {
         "auto_no_think_over_direct": out["auto_no_think_over_direct"],
         "batched_speedup": out["batched_speedup_over_one_by_one"],
         "adaptive_over_direct": t["auto"] / t["direct"],
         "always_over_direct": t["reason"] / t["direct"],
+        "generate_over_reason": t["generate"] / t["reason"],
+        "two_pass_over_reason": t["two_pass"] / t["reason"],
+        "generate_over_auto": t["generate"] / t["auto"],
+        "two_pass_over_auto": t["two_pass"] / t["auto"],
+        "baselines_max_abs_diff": float(max(np.abs(last[k] - reason.embeddings).max() for k in ("generate", "two_pass"))),
         "adaptive_invocation": float(auto.reasoned.mean()),
         "reason_tokens_ratio": reason.tokens_processed / int((reason.prompt_tokens + reason.generated_tokens + 1).sum()),
+        "first_reason_call_seconds": round(first_call, 2),
         "encode_seconds": {k: round(v, 4) for k, v in t.items()},
     }
+
+
+def measure_decode(model: str, benchmark: str, per_task: int = 32, repeats: int = REPEATS) -> dict:
+    """The decoding loop alone, compiled against eager, on the same prefilled rows: the whole test
+    mix in reason mode, and the rows adaptive mode reasons on (its decoding pool). Both loops run as
+    many steps (the longest rationale + 2), so their time ratio is the per-step ratio."""
+    from mmemb import Embedder
+    from mmemb.items import load_visuals
+    from mmemb.model.generation import Reasoner, SamplingConfig
+    from mmemb.model.prefix_cache import prefill
+    from mmemb.model.prompts import THINK, render_prompt
+
+    e = Embedder.from_pretrained(model, compile=False)
+    bb = e.backbone
+    mix = test_mix(benchmark, per_task)
+    adaptive = e.encode(mix, mode="auto", max_reasoning_tokens=BUDGET).reasoned
+    reasoners = {"compiled": Reasoner(bb, compile=True), "eager": Reasoner(bb, compile=False)}
+    sampling = SamplingConfig(max_tokens=BUDGET)
+    out = {}
+    for pool, items in (("reason", mix), ("adaptive", [it for it, r in zip(mix, adaptive) if r])):
+        prompts = [render_prompt(bb.processor, it) + THINK for it in items]
+        visuals = [load_visuals(it) for it in items]
+        seconds: dict[str, list[float]] = {name: [] for name in reasoners}
+        for round_ in range(repeats + 1):  # round 0 warms up (and compiles)
+            for name, reasoner in reasoners.items():
+                states = [prefill(bb, prompts[i:i + 32], visuals[i:i + 32]) for i in range(0, len(items), 32)]
+                t = time.perf_counter()
+                result = reasoner.run([s.cache for s in states], [s.mask for s in states],
+                                      torch.cat([s.next_pos for s in states]), torch.cat([s.logits for s in states]),
+                                      sampling, first_is_logits=True)
+                if round_:
+                    seconds[name].append(time.perf_counter() - t)
+        steps = max(len(r) for r in result.tokens) + 2
+        compiled, eager = (statistics.median(seconds[k]) for k in ("compiled", "eager"))
+        key = "" if pool == "reason" else "_adaptive"
+        out[f"compiled_over_eager_decode{key}"] = compiled / eager
+        out[f"decode{key}"] = {"rows": len(items), "steps": steps, "ms_per_step": {
+            "compiled": round(1e3 * compiled / steps, 3), "eager": round(1e3 * eager / steps, 3)}}
+    return out
 
 
 def measure_eval(model: str, benchmark: str) -> dict:
@@ -134,7 +207,6 @@ def measure_selection(model: str, benchmark: str) -> dict:
 def measure_flops(e) -> dict:
     """FLOPs of one direct-mode batch counted by torch's FlopCounterMode, over its time, against
     torch.mm at the model's hidden size (the floor: what this machine's matmul reaches)."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     items = mixed_items(64)
@@ -173,19 +245,26 @@ def main() -> None:
     ap.add_argument("--model", help="a trained checkpoint (default: runs/demo/rl/model, else a quick demo's)")
     ap.add_argument("--benchmark", help="its MiniMMEB folder (with --model)")
     ap.add_argument("--skip-server", action="store_true", help="leave out the load test (it starts a server)")
+    ap.add_argument("--only", help="comma-separated measures to take (default: all): " + ", ".join(MEASURES))
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own; 1 on a loaded machine, where "
+                                                "threads waiting for each other dominate)")
     ap.add_argument("--out", default=str(HERE / "results.json"))
     args = ap.parse_args()
-    import torch
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = set(args.only.split(",")) if args.only else set(MEASURES)
+    if args.skip_server:
+        only.discard("server")
     torch.manual_seed(0)
     start = time.perf_counter()
     model, benchmark = trained_model(args)
     results: dict = {}
     tiny = tiny_embedder()  # an untrained tiny backbone for the model-independent ratios
-    for name, fn in [("encode", lambda: measure_encode(tiny, model, benchmark)), ("eval", lambda: measure_eval(model, benchmark)),
+    for name, fn in [("encode", lambda: measure_encode(tiny, model, benchmark)),
+                     ("decode", lambda: measure_decode(model, benchmark)), ("eval", lambda: measure_eval(model, benchmark)),
                      ("gradcache", measure_gradcache), ("selection", lambda: measure_selection(model, benchmark)),
-                     ("flops", lambda: measure_flops(tiny)), ("server", None if args.skip_server else measure_server)]:
-        if fn is None:
+                     ("flops", lambda: measure_flops(tiny)), ("server", measure_server)]:
+        if name not in only:
             continue
         t = time.perf_counter()
         results.update(fn())

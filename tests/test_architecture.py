@@ -10,20 +10,21 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SRC / "mmemb"
 
-# What each layer may import (besides itself). The foundation is items / fileio / hub / _version.
-FOUNDATION = {"items", "fileio", "hub", "_version"}
+# What each layer may import (besides itself). The foundation is items / fileio / hub / defaults / _version.
+FOUNDATION = {"items", "fileio", "hub", "defaults", "_version"}
 ALLOWED = {
     **{name: FOUNDATION for name in FOUNDATION},
     "data": FOUNDATION,
     "model": FOUNDATION,
     "index": FOUNDATION,
+    "parallel": FOUNDATION,  # launching processes and sharing inference work between them (accelerate)
     "train": FOUNDATION | {"model", "data"},
     "method": FOUNDATION | {"model", "data", "train"},
-    "eval": FOUNDATION | {"model", "data"},
-    "jobs": FOUNDATION | {"model", "index"},
+    "eval": FOUNDATION | {"model", "data", "parallel"},
+    "jobs": FOUNDATION | {"model", "index", "parallel"},
     "serve": FOUNDATION | {"model"},
     "pipeline": FOUNDATION | {"model", "data", "train", "method", "eval"},
-    "cli": FOUNDATION | {"model", "data", "train", "method", "eval", "index", "jobs", "serve", "pipeline"},
+    "cli": FOUNDATION | {"model", "data", "train", "method", "eval", "index", "jobs", "serve", "pipeline", "parallel"},
     "mmemb": FOUNDATION | {"model"},  # the package's own __init__: the public API
 }
 

@@ -62,8 +62,8 @@ def test_pixel_options_change_image_tokens(tiny_path):
     img = random_image(np.random.default_rng(0), 64, 64)
     small = Embedder.from_pretrained(tiny_path, max_pixels=16 * 16 * 4)
     large = Embedder.from_pretrained(tiny_path, min_pixels=16 * 16 * 64)
-    a = small.encode([Item(images=[img])]).prompt_tokens[0]
-    b = large.encode([Item(images=[img])]).prompt_tokens[0]
+    a = small.encode([Item(images=[img])], mode="direct").prompt_tokens[0]
+    b = large.encode([Item(images=[img])], mode="direct").prompt_tokens[0]
     assert a < b
 
 

@@ -56,9 +56,10 @@ def _frames(folder: Path, n: int, seed: int) -> Path:
 def test_frame_sampling_is_uniform_in_natural_order(tmp_path):
     folder = _frames(tmp_path / "v", 12, 0)
     names = [Path(p).name for p in sample_frames(folder, 8)]
-    assert names == [f"frame_{i}.jpg" for i in (0, 2, 3, 5, 6, 8, 9, 11)]  # frame_10 sorts after frame_9
+    # VLM2Vec-V2's rule: floor(k * 11 / 7); frame_10 sorts after frame_9
+    assert names == [f"frame_{i}.jpg" for i in (0, 1, 3, 4, 6, 7, 9, 11)]
     short = _frames(tmp_path / "s", 5, 50)
-    assert [Path(p).name for p in sample_frames(short, 8)] == [f"frame_{i}.jpg" for i in (0, 1, 1, 2, 2, 3, 3, 4)]
+    assert [Path(p).name for p in sample_frames(short, 8)] == [f"frame_{i}.jpg" for i in range(5)]  # all of them
     assert sample_frames(tmp_path / "missing") == []
 
 
@@ -90,7 +91,7 @@ def test_video_local_rows_with_clip_candidates(tmp_path):
     assert task.eval_type == "local"
     pos, neg = task.candidates
     assert pos.instruction == "Understand the content of the provided video." and pos.text is None
-    assert len(pos.video) == 8 and pos.video[0].endswith("pos/frame_0.jpg")
+    assert len(pos.video) == 4 and pos.video[0].endswith("pos/frame_0.jpg")
     assert task.relevance == {"0": {pos.id: 1.0}}
 
 
@@ -132,11 +133,11 @@ def test_offline_hub_fails_fast_with_instructions(tmp_path, monkeypatch):
     start = time.perf_counter()
     with pytest.raises(DataNotFound, match=r"hub cannot be reached.*--data DIR"):
         load_task(MMEB_V2["VisRAG_ChartQA"])
-    with pytest.raises(DataNotFound, match=r"image-tasks/MMEB"):
+    with pytest.raises(DataNotFound, match=r"image-tasks/mmeb_v1.tar.gz"):
         load_task(MMEB_V2["ImageNet-1K"])
-    with pytest.raises(DataNotFound, match=r"video-tasks/MSR-VTT/test.jsonl"):
+    with pytest.raises(DataNotFound, match=r"MSR-VTT: its annotations \(VLM2Vec/MSR-VTT, config test_1k\)"):
         load_task(MMEB_V2["MSR-VTT"], data=tmp_path)
-    with pytest.raises(DataNotFound, match=r"hub cannot be reached"):  # no local rows: would need the hub
+    with pytest.raises(DataNotFound, match=r"ziyjiang/MMEB_Test_Instruct.*hub cannot be reached"):
         load_task(MMEB_V2["ImageNet-1K"], data=tmp_path)
     assert time.perf_counter() - start < 5
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mmemb.cli import app
-from mmemb.data.mmeb import MMEB_V2, TaskSelectionError, resolve_tasks
+from mmemb.data.mmeb import MMEB_V2, MMEB_V3, TaskSelectionError, resolve_tasks
 
 from .eval_fixtures import write_minimmeb
 
@@ -78,3 +78,13 @@ def test_tasks_cli_lists_registry_and_minimmeb(tmp_path):
     assert [r["name"] for r in json.loads(res.output)] == ["MiniClass", "MiniCaption"]
     res = runner.invoke(app, ["tasks", "--benchmark", "minimmeb"])
     assert res.exit_code != 0 and "needs --data" in res.output
+
+
+def test_task_globs(tmp_path):
+    every = {**MMEB_V3, **MMEB_V2}  # globs match over every registered task
+    assert [t.name for t in resolve_tasks("*QA")] == [n for n in every if n.lower().endswith("qa")]
+    assert [t.name for t in resolve_tasks("msCOCO_*2*, DocVQA")] == ["MSCOCO_t2i", "MSCOCO_i2t", "DocVQA"]
+    root = write_minimmeb(tmp_path / "mini")
+    assert [t.name for t in resolve_tasks("Mini*", data=root)] == ["MiniClass", "MiniCaption"]
+    with pytest.raises(TaskSelectionError, match="no task matches 'Nothing\\*'"):
+        resolve_tasks("Nothing*")

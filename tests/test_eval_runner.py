@@ -54,7 +54,7 @@ def _comparable(score: dict) -> dict:
 def test_end_to_end_scores_dedup_and_cache(embedder, tmp_path, monkeypatch):
     root = write_minimmeb(tmp_path / "mini", n_queries=6, n_cands=4)
     counter = EncodeCounter(embedder, monkeypatch)
-    opts = dict(data=str(root), cache_dir=str(tmp_path / "cache"), batch_size=4, show_progress=False)
+    opts = dict(mode="direct", data=str(root), cache_dir=str(tmp_path / "cache"), batch_size=4, show_progress=False)
     summary = evaluate(embedder, "minimmeb", tmp_path / "run", **opts)
 
     # 2 tasks x 6 queries x 4 candidates = 48 references to 6 distinct words shared by both tasks:
@@ -74,8 +74,8 @@ def test_end_to_end_scores_dedup_and_cache(embedder, tmp_path, monkeypatch):
     from mmemb.data.mmeb import resolve_tasks
 
     task = load_task(resolve_tasks("MiniClass", data=root)[0], data=root)
-    q = embedder.encode(task.queries, batch_size=4).embeddings
-    c = embedder.encode(task.candidates, batch_size=4).embeddings
+    q = embedder.encode(task.queries, mode="direct", batch_size=4).embeddings
+    c = embedder.encode(task.candidates, mode="direct", batch_size=4).embeddings
     preds = [json.loads(line) for line in (tmp_path / "run" / "MiniClass" / "predictions.jsonl").open()]
     hits = []
     for i, row in enumerate(preds):
@@ -154,7 +154,7 @@ def test_bad_items_are_reported_and_count_as_misses(embedder, tmp_path):
     rows = [{"qry_text": f"query {i}", "qry_img_path": f"q{i}.png",
              "tgt_text": ["", ""], "tgt_img_path": [f"t{i}.png", f"t{(i + 1) % 3}.png"]} for i in range(3)]
     task = rows_task(info, rows, root)
-    evaluate(embedder, [task], tmp_path / "run", cache_dir=str(tmp_path / "cache"), batch_size=2,
+    evaluate(embedder, [task], tmp_path / "run", mode="direct", cache_dir=str(tmp_path / "cache"), batch_size=2,
              show_progress=False)
     score = json.loads((tmp_path / "run" / "TinyT2I" / "score.json").read_text())
     fails = {(f["side"], f["id"]): f["reason"] for f in score["failures"]["items"]}
@@ -171,7 +171,7 @@ def test_kill_and_resume_gives_identical_scores(embedder, tiny_path, tmp_path, m
     root = write_minimmeb(tmp_path / "mini", n_queries=10, n_cands=4)
     cmd = [sys.executable, "-m", "mmemb.cli", "eval", "--model", tiny_path, "--tasks", "minimmeb",
            "--data", str(root), "--out", str(tmp_path / "killed"), "--cache", str(tmp_path / "cache_k"),
-           "--batch-size", "2"]
+           "--batch-size", "2", "--mode", "direct"]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first_chunk = tmp_path / "killed" / "MiniClass" / "queries" / "000000.json"
@@ -185,7 +185,7 @@ def test_kill_and_resume_gives_identical_scores(embedder, tiny_path, tmp_path, m
     saved_at = first_chunk.stat().st_mtime_ns
 
     counter = EncodeCounter(embedder, monkeypatch)
-    opts = dict(data=str(root), batch_size=2, show_progress=False)
+    opts = dict(mode="direct", data=str(root), batch_size=2, show_progress=False)
     evaluate(embedder, "minimmeb", tmp_path / "killed", cache_dir=str(tmp_path / "cache_k"), **opts)
     resumed_items = counter.items()
     evaluate(embedder, "minimmeb", tmp_path / "fresh", cache_dir=str(tmp_path / "cache_f"), **opts)
@@ -203,7 +203,7 @@ def test_kill_and_resume_gives_identical_scores(embedder, tiny_path, tmp_path, m
 
 def test_report_compares_runs(embedder, tmp_path):
     root = write_minimmeb(tmp_path / "mini", n_queries=3, n_cands=3)
-    opts = dict(data=str(root), cache_dir=str(tmp_path / "cache"), batch_size=4, show_progress=False)
+    opts = dict(mode="direct", data=str(root), cache_dir=str(tmp_path / "cache"), batch_size=4, show_progress=False)
     evaluate(embedder, "minimmeb", tmp_path / "a" / "direct", **opts)
     evaluate(embedder, "MiniClass", tmp_path / "b" / "direct", max_reasoning_tokens=2, **opts)
     from typer.testing import CliRunner
@@ -227,8 +227,8 @@ def test_report_compares_runs(embedder, tmp_path):
 def test_metrics_module_is_what_the_runner_reports(embedder, tmp_path):
     """score.json's metrics are the mean of the per-query metrics of predictions.jsonl's rankings."""
     root = write_minimmeb(tmp_path / "mini", n_queries=5, n_cands=4)
-    evaluate(embedder, "MiniClass", tmp_path / "run", data=str(root), cache_dir=str(tmp_path / "cache"),
-             batch_size=4, show_progress=False)
+    evaluate(embedder, "MiniClass", tmp_path / "run", mode="direct", data=str(root),
+             cache_dir=str(tmp_path / "cache"), batch_size=4, show_progress=False)
     score = json.loads((tmp_path / "run" / "MiniClass" / "score.json").read_text())
     per_query = []
     for row in map(json.loads, (tmp_path / "run" / "MiniClass" / "predictions.jsonl").open()):
@@ -257,7 +257,7 @@ def test_global_ranking_video_and_visual_documents(embedder, tmp_path):
     write_jsonl(docs / "corpus.jsonl", [{"corpus-id": f"p{i}", "image": f"p{i}.png"} for i in range(4)])
     write_jsonl(docs / "qrels.jsonl", [{"query-id": "q", "corpus-id": "p2", "score": 2},
                                        {"query-id": "q", "corpus-id": "p0", "score": 1}])
-    summary = evaluate(embedder, "UCF101,VisRAG_PlotQA", tmp_path / "run", data=str(data),
+    summary = evaluate(embedder, "UCF101,VisRAG_PlotQA", tmp_path / "run", mode="direct", data=str(data),
                        cache_dir=str(tmp_path / "cache"), batch_size=4, show_progress=False)
     assert set(summary["by_modality"]) == {"video", "visdoc"}
     video = json.loads((tmp_path / "run" / "UCF101" / "score.json").read_text())
@@ -278,8 +278,8 @@ def test_minimmeb_build_evaluates_end_to_end(embedder, tmp_path):
     from mmemb.data.minimmeb import BuildConfig, build
 
     root = build(tmp_path / "minimmeb", BuildConfig(seed=1, train_pairs=12, val_queries=1, test_queries=3))
-    summary = evaluate(embedder, "minimmeb", tmp_path / "run", data=str(root), cache_dir=str(tmp_path / "cache"),
-                       batch_size=16, show_progress=False)
+    summary = evaluate(embedder, "minimmeb", tmp_path / "run", mode="direct", data=str(root),
+                       cache_dir=str(tmp_path / "cache"), batch_size=16, show_progress=False)
     assert set(summary["tasks"]) == {"DigitClass", "DigitCaption-I2T", "DigitCaption-T2I", "DigitGround",
                                      "DigitSum", "DigitExpr"}
     assert set(summary["by_kind"]) == {"easy", "compositional"} and summary["by_kind"]["easy"]["tasks"] == 4
@@ -288,3 +288,21 @@ def test_minimmeb_build_evaluates_end_to_end(embedder, tmp_path):
     assert cands["unique"] == cands["encoded"] < cands["references"]  # shared candidates encoded once
     row = json.loads((tmp_path / "run" / "DigitSum" / "predictions.jsonl").open().readline())
     assert row["query_id"] == "DigitSum/test/0" and len(row["top"]) == 10
+
+
+def test_limit_evaluates_the_first_queries_and_only_their_candidates(embedder, tmp_path, monkeypatch):
+    root = write_minimmeb(tmp_path / "mini", n_queries=6, n_cands=4)
+    opts = dict(mode="direct", data=str(root), batch_size=4, show_progress=False)
+    evaluate(embedder, "MiniClass", tmp_path / "full", cache_dir=str(tmp_path / "c1"), **opts)
+    counter = EncodeCounter(embedder, monkeypatch)
+    summary = evaluate(embedder, "MiniClass", tmp_path / "quick", cache_dir=str(tmp_path / "c2"), limit=2, **opts)
+    score = json.loads((tmp_path / "quick" / "MiniClass" / "score.json").read_text())
+    assert score["num_queries"] == 2 and score["candidate_refs"] == 2 * 4
+    assert counter.items() == 2 + score["num_candidates"] and score["num_candidates"] < 6
+    full = [json.loads(line) for line in (tmp_path / "full" / "MiniClass" / "predictions.jsonl").open()]
+    quick = [json.loads(line) for line in (tmp_path / "quick" / "MiniClass" / "predictions.jsonl").open()]
+    assert [r["query_id"] for r in quick] == [r["query_id"] for r in full[:2]]
+    assert [[c for c, _ in r["top"]] for r in quick] == [[c for c, _ in r["top"]] for r in full[:2]]
+    assert summary["settings"]["limit"] == 2
+    with pytest.raises(EvalError, match="limit differ"):  # a quick look never mixes into a full run
+        evaluate(embedder, "MiniClass", tmp_path / "quick", cache_dir=str(tmp_path / "c2"), **opts)

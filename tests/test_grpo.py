@@ -26,8 +26,8 @@ def test_cost_of_reasoning_pushes_p_think_down(tiny_path, minimmeb_small, tmp_pa
     assert (tmp_path / "rl" / "rl_curves.png").stat().st_size > 0
     queries = [json.loads(line)["query"]["text"] for line in
                (minimmeb_small / "train" / "DigitSum.jsonl").read_text().splitlines()[:8]]
-    before = Embedder(load_backbone(tiny_path)).encode(queries).p_think.mean()
-    after = Embedder(load_backbone(final)).encode(queries).p_think.mean()
+    before = Embedder(load_backbone(tiny_path)).encode(queries, mode="direct").p_think.mean()
+    after = Embedder(load_backbone(final)).encode(queries, mode="direct").p_think.mean()
     assert after < before - 0.05, (before, after)
 
 
@@ -51,3 +51,36 @@ def test_rl_with_lora_merges_into_a_plain_checkpoint(tiny_path, minimmeb_small, 
     assert rows[0]["kl"] == 0.0  # step 1: the adapter starts at zero, the policy is the reference
     a, b = load_backbone(tiny_path), load_backbone(final)
     assert any((p - q).abs().max() > 0 for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters()))
+
+
+class _Payload:
+    """Unpickling this runs code (creates a file): what a tampered checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_loads_its_state_with_weights_only(tiny_path, minimmeb_small, tmp_path, monkeypatch):
+    import pickle
+
+    import torch
+
+    import mmemb.method.grpo as grpo
+
+    part = _cfg(tiny_path, minimmeb_small, tmp_path / "part", steps=1)
+    run_rl(part, show_progress=False)
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(grpo.torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
+    marker = tmp_path / "ran"
+    torch.save({"state": {}, "param_groups": [], "x": _Payload(marker)}, tmp_path / "part" / "last" / "optimizer.pt")
+    part.steps = 2
+    try:
+        run_rl(part, show_progress=False)
+    except pickle.UnpicklingError:
+        pass
+    assert calls and all(kw.get("weights_only") is True for kw in calls), calls
+    assert not marker.exists()

@@ -92,7 +92,7 @@ def test_incremental_add_keeps_ids_and_refuses_duplicates(embedder, tiny_path, c
     first = write_corpus(tmp_path / "first.jsonl", rows[:25])
     more = write_corpus(tmp_path / "more.jsonl", rows[25:])
     build_index(embedder, first, tmp_path / "idx", config(embedder, tiny_path))
-    before = VectorIndex.load(tmp_path / "idx").rows
+    before = list(VectorIndex.load(tmp_path / "idx").rows)
     report = add_to_index(embedder, more, tmp_path / "idx")
     assert (report.added, report.total) == (15, 40)
     index = VectorIndex.load(tmp_path / "idx")
@@ -149,3 +149,80 @@ def test_cli_build_add_search(tiny_path, corpus, tmp_path):
     assert r.output.strip().splitlines()[1].split()[:3] == ["1", "1.0000", "d3"]
     r = runner.invoke(app, ["search", "--index", idx, "--query", "x", "--reasoning", "always", "-k", "1"])
     assert r.exit_code == 0 and r.output.startswith("query rationale: ")
+
+
+def test_ivfpq_index_streams_batches_and_keeps_its_metadata_on_disk(tmp_path):
+    """IVF-PQ built batch by batch from vectors on disk (as `index build` does after encoding): trained
+    on a sample drawn across every batch, 16 bytes per vector instead of 128, neighbours still found."""
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((3000, 32)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    for b in range(6):
+        np.save(tmp_path / f"part{b}.npy", vecs[b * 500:(b + 1) * 500])
+    passes = []
+
+    def batches():
+        passes.append(0)
+        for b in range(6):
+            passes[-1] += 1
+            yield np.load(tmp_path / f"part{b}.npy"), [{"id": f"v{b * 500 + i}", "n": b * 500 + i} for i in range(500)]
+
+    index = VectorIndex(IndexConfig(model="m", dim=32, kind="ivfpq", pq_m=16, nlist=16, nprobe=16))
+    index.add_batches(batches, 3000)
+    assert passes == [6, 6]  # one pass for the training sample, one to add
+    assert index.config.pq_m == 16 and index.faiss.code_size == 16 and index.faiss.ntotal == 3000
+    index.save(tmp_path / "idx")
+    loaded = VectorIndex.load(tmp_path / "idx")
+    hits = loaded.search(vecs[:200], k=10)
+    exact = np.argsort(-vecs[:200] @ vecs.T, axis=1)[:, :10]
+    recall = np.mean([len({h.id for h in hs} & {f"v{j}" for j in ex}) / 10 for hs, ex in zip(hits, exact)])
+    assert recall > 0.6 and sum(hs[0].id == f"v{i}" for i, hs in enumerate(hits)) >= 180
+    assert hits[7][0].row == {"id": "v7", "n": 7}
+    assert loaded.duplicate_ids(["v2999", "new", "new"]) == ["v2999", "new"]
+    with pytest.raises(ValueError, match="needs at least 256 vectors to train its codebooks, got 100"):
+        VectorIndex(IndexConfig(model="m", dim=32, kind="ivfpq", nlist=2)).add(vecs[:100],
+                                                                               [{"id": str(i)} for i in range(100)])
+    with pytest.raises(ValueError, match="pq_m \\(5\\) must divide the dimension \\(32\\)"):
+        IndexConfig(model="m", dim=32, kind="ivfpq", pq_m=5)
+
+
+def test_row_store_tells_a_shared_hash_from_a_shared_id(tmp_path, monkeypatch):
+    from mmemb.index import rows as rows_module
+
+    monkeypatch.setattr(rows_module, "_hash", lambda item_id: 7)  # every id collides
+    store = rows_module.RowStore()
+    store.extend([{"id": "a", "x": 1}, {"id": "b"}])
+    assert store.duplicate_ids(["c", "a", "d", "d"]) == ["a", "d"]
+    store.write(tmp_path / "items.jsonl")
+    loaded = rows_module.RowStore(tmp_path / "items.jsonl")
+    loaded.extend([{"id": "c"}])
+    assert [r["id"] for r in loaded] == ["a", "b", "c"] and loaded[0] == {"id": "a", "x": 1} and loaded[-1]["id"] == "c"
+    assert loaded.duplicate_ids(["e", "b"]) == ["b"]
+
+
+def test_vector_database_example_runs(embedders, tmp_path, monkeypatch):
+    """The Qdrant example of docs/scale-out.md, run as written (paths moved into tmp_path)."""
+    import re
+    from pathlib import Path
+
+    from mmemb.jobs.encode import run_encode
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "scale-out.md").read_text()
+    code = re.search(r"test_vector_database_example_runs -->\n```python\n(.*?)```", doc, re.S).group(1)
+    rng = np.random.default_rng(0)
+    random_image(rng).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    corpus = write_corpus(tmp_path / "corpus.jsonl", [
+        {"id": "sum", "text": "What is the sum of the digits?"}, {"id": "img", "image": "a.png", "text": "digits"},
+        {"id": "broken", "image": "bad.png"}, *({"id": f"c{i}", "text": f"{i} {i * 3} caption"} for i in range(6))])
+    run_encode(embedders["qwen3_vl"], corpus, tmp_path / "runs" / "vecs", mode="auto")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mmemb.Embedder.from_pretrained", lambda path: embedders["qwen3_vl"])
+    printed = []
+    monkeypatch.setattr("builtins.print", lambda *a: printed.append(a))
+    namespace = {}
+    exec(compile(code, "docs/scale-out.md", "exec"), namespace)
+    assert namespace["client"].count("corpus").count == 8  # the broken image has no vector
+    (hits,) = printed[0]
+    assert hits[0][0] == "sum" and hits[0][1] == pytest.approx(1.0, abs=1e-4) and len(hits) == 5
+    namespace["client"].close()

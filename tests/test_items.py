@@ -87,12 +87,12 @@ def test_encode_raise_names_item(embedders, good_png):
     e = embedders["qwen3_vl"]
     items = [Item(text="fine"), Item(text="broken", images=[b"garbage"], id="q2")]
     with pytest.raises(ItemError, match=r"item 1 \(id 'q2'\): image 0: cannot identify"):
-        e.encode(items)
+        e.encode(items, mode="direct", on_error="raise")
 
 
 def test_encode_empty_item_is_an_item_error(embedders):
     with pytest.raises(ItemError, match="neither text nor images"):
-        embedders["qwen3_vl"].encode([Item(instruction="only an instruction")])
+        embedders["qwen3_vl"].encode([Item(instruction="only an instruction")], on_error="raise")
 
 
 def test_skip_keeps_other_vectors(embedders, good_png, tmp_path):

@@ -39,7 +39,8 @@ def embedder(embedders):
 @contextlib.contextmanager
 def running(embedder, **settings):
     settings.setdefault("max_reasoning_tokens", 4)
-    app = create_app(embedder, ServeSettings(model_name=MODEL, **settings))
+    settings.setdefault("model_name", MODEL)
+    app = create_app(embedder, ServeSettings(**settings))
     with serve_in_thread(app) as (url, server):
         yield url, app
 
@@ -151,7 +152,8 @@ def test_bad_requests_say_what_is_wrong(server):
         ({"input": ["ok", {"txt": "typo"}]}, 400, "input[1]: unknown field(s) ['txt']"),
         ({"input": ["ok", {"instruction": "only"}]}, 400, "input[1]: an item needs a text, an image or a video"),
         ({"input": "x", "reasoning": "sometimes"}, 400, "reasoning"),
-        ({"input": "x", "dimensions": 7}, 400, "dimensions"),
+        ({"input": "x", "dimensions": 0}, 400, "dimensions must be between 1 and"),
+        ({"input": "x", "dimensions": 100_000}, 400, "dimensions must be between 1 and"),
         ({"input": [{"image": "data:image/png;base64,bm90IGFuIGltYWdl"}]}, 400,
          "input[0]: image 0: cannot identify image data"),
     ]
@@ -246,7 +248,8 @@ def test_local_paths_refused_unless_allowed_and_inside_root(server, embedder, im
         ok = post(url2, {"input": [{"image": "a.png"}, {"image": str(image_tree / "sub" / "b.png")}],
                          "reasoning": "never"})
         assert ok.status_code == 200, ok.text
-        ref = embedder.encode([Item(images=[image_tree / "a.png"]), Item(images=[image_tree / "sub" / "b.png"])])
+        ref = embedder.encode([Item(images=[image_tree / "a.png"]), Item(images=[image_tree / "sub" / "b.png"])],
+                              mode="direct")
         np.testing.assert_allclose([d["embedding"] for d in ok.json()["data"]], ref.embeddings, atol=1e-5)
         for outside in ("../outside.png", str(image_tree.parent / "outside.png"), "sub/../../outside.png",
                         "escape.png"):
@@ -276,10 +279,14 @@ def test_urls_refused_unless_allowed(server, embedder, image_tree):
     with static_files(image_tree) as files:
         r = post(url, {"input": [{"image": files + "/a.png"}]})
         assert r.status_code == 400 and "image URLs are not allowed" in error_message(r)
-        with running(embedder, allow_urls=True) as (url2, _):
+        with running(embedder, allow_urls=True) as (url2, _):  # public addresses only: not this loopback one
+            r = post(url2, {"input": ["fine", {"image": files + "/a.png"}], "reasoning": "never"})
+            assert r.status_code == 400 and "input[1]: could not fetch" in error_message(r)
+            assert "resolves to 127.0.0.1, a loopback address: refused" in error_message(r)
+        with running(embedder, allow_urls=True, allow_private_urls=True) as (url2, _):
             ok = post(url2, {"input": [{"image": files + "/a.png"}], "reasoning": "never"})
             assert ok.status_code == 200, ok.text
-            ref = embedder.encode([Item(images=[image_tree / "a.png"])])
+            ref = embedder.encode([Item(images=[image_tree / "a.png"])], mode="direct")
             np.testing.assert_allclose(ok.json()["data"][0]["embedding"], ref.embeddings[0], atol=1e-5)
             r = post(url2, {"input": ["fine", {"image": files + "/missing.png"}]})
             assert r.status_code == 400 and "input[1]: could not fetch" in error_message(r)
@@ -319,20 +326,45 @@ def test_concurrent_requests_share_model_batches(embedder):
         assert stats["queued_items"] == 0
 
 
+class PoisonedEmbedder:
+    """The model fails on items whose text is "poison" (as a model may fail on one item of a batch)."""
+
+    def __init__(self, inner):
+        self.inner, self.dim, self.calls = inner, inner.dim, 0
+
+    def encode(self, items, **kw):
+        from mmemb.items import ItemError
+
+        self.calls += 1
+        res = self.inner.encode(items, **kw)
+        for i, item in enumerate(items):
+            if item.text == "poison":
+                res.ok[i], res.embeddings[i] = False, 0
+                res.errors.append(ItemError(i, None, "the model refused it"))
+        return res
+
+
 def test_a_bad_item_fails_only_its_own_request(embedder):
-    thin = Image.new("RGB", (600, 2))  # decodes fine, but the processor refuses its aspect ratio
     # The batch leaves when it holds both requests' 5 items, however long the second takes to come.
-    with running(embedder, max_batch_size=5, max_wait_ms=10_000) as (url, app):
+    model = PoisonedEmbedder(embedder)
+    with running(model, max_batch_size=5, max_wait_ms=10_000) as (url, app):
         bad, good = asyncio.run(_concurrent(url, [
-            {"input": ["fine", {"text": "thin", "image": image_to_data_url(thin)}], "reasoning": "never"},
+            {"input": ["fine", "poison"], "reasoning": "never"},
             {"input": TEXTS, "reasoning": "never"},
         ]))
         assert app.state.batcher.batches == 1  # both requests were in the same model batch
-        assert bad.status_code == 400 and error_message(bad).startswith("input[1]: ")
-        assert "aspect ratio" in error_message(bad)
+        assert bad.status_code == 400 and error_message(bad) == "input[1]: the model refused it"
         assert good.status_code == 200
         np.testing.assert_allclose([d["embedding"] for d in good.json()["data"]],
-                                   embedder.encode(TEXTS).embeddings, atol=1e-5)
+                                   embedder.encode(TEXTS, mode="direct").embeddings, atol=1e-5)
+
+
+def test_an_image_the_processor_refuses_gets_400_before_any_model_work(embedder):
+    thin = Image.new("RGB", (600, 2))  # decodes fine, but the processor refuses its aspect ratio
+    with running(embedder) as (url, app):
+        r = post(url, {"input": ["fine", {"text": "thin", "image": image_to_data_url(thin)}], "reasoning": "never"})
+        assert r.status_code == 400 and error_message(r).startswith("input[1]: ")
+        assert "aspect ratio" in error_message(r) and app.state.batcher.batches == 0
 
 
 def test_reasoning_modes_are_batched_separately(embedder):

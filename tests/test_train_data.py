@@ -116,12 +116,12 @@ def test_cli_relaunches_through_accelerate_and_refuses_an_existing_run(tmp_path)
     from typer.testing import CliRunner
 
     from mmemb.cli import app
-    from mmemb.train.launch import launch_command
+    from mmemb.parallel import launch_command
 
-    cmd = launch_command(["--config=r.yaml", "--resume", "lr=1e-4"], 2)
+    cmd = launch_command(["train", "--config=r.yaml", "--resume", "lr=1e-4"], 2)
     assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"] and cmd[4] == "2"
     assert cmd[-6:] == ["-m", "mmemb.cli", "train", "--config=r.yaml", "--resume", "lr=1e-4"]
-    assert "--config_file" in launch_command([], 8, "configs/accelerate/fsdp.yaml")
+    assert "--config_file" in launch_command(["train"], 8, "configs/accelerate/fsdp.yaml")
 
     ckpt = tmp_path / "run" / "checkpoints" / "step-000003"
     ckpt.mkdir(parents=True)

@@ -95,3 +95,72 @@ def test_gradient_matches_autograd_of_hand_formula():
     ref.backward()
     torch.testing.assert_close(q.grad, q2.grad, atol=1e-12, rtol=0)
     torch.testing.assert_close(t.grad, t2.grad, atol=1e-12, rtol=0)
+
+
+def _objective_inputs(q, t):
+    """RowMeta / PairMeta for len(q) pairs: query i's positive is target i (direct queries only)."""
+    from mmemb.train.losses import DIRECT_QUERY, TARGET, PairMeta, RowMeta
+
+    n = len(q)
+    rows = RowMeta(kind=torch.tensor([DIRECT_QUERY] * n + [TARGET] * n), pair=torch.tensor([*range(n), *[-1] * n]),
+                   key=torch.tensor([0] * n + [100 + i for i in range(n)]))
+    pairs = PairMeta(query_key=torch.arange(n) + 1, positive_key=torch.arange(n) + 100,
+                     lm_tokens=torch.zeros(n, dtype=torch.long), has_decision=torch.zeros(n, dtype=torch.long))
+    return torch.cat([q, t]), rows, pairs
+
+
+def test_matryoshka_adds_the_nce_of_each_truncated_size():
+    from mmemb.train.config import LossConfig
+    from mmemb.train.losses import JointObjective
+
+    g = torch.Generator().manual_seed(0)
+    q, t = [torch.nn.functional.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=-1)
+            for _ in range(2)]
+    emb, rows, pairs = _objective_inputs(q, t)
+    plain = JointObjective(LossConfig(temperature=TAU, reason_nce=0, lm=0, decision=0)).contrastive(emb, rows, pairs)
+    mat = JointObjective(LossConfig(temperature=TAU, reason_nce=0, lm=0, decision=0, matryoshka_dims=[3, 5]))
+    res = mat.contrastive(emb, rows, pairs)
+    expected = {}
+    for d in (3, 5):
+        qd, td = (torch.nn.functional.normalize(x[:, :d], dim=-1).numpy() for x in (q, t))
+        expected[d] = hand_loss(qd @ td.T, [[i] for i in range(5)], range(5))
+    assert res.terms["nce_direct"] == pytest.approx(plain.terms["nce_direct"], abs=1e-12)
+    assert res.terms["nce_direct@3"] == pytest.approx(expected[3], abs=1e-12)
+    assert res.terms["nce_direct@5"] == pytest.approx(expected[5], abs=1e-12)
+    assert float(res.loss) == pytest.approx(plain.terms["nce_direct"] + expected[3] + expected[5], abs=1e-12)
+    with pytest.raises(ValueError, match="not smaller than the embedding size 8"):
+        JointObjective(LossConfig(matryoshka_dims=[8])).contrastive(emb, rows, pairs)
+
+
+def test_matryoshka_training_makes_truncated_vectors_retrieve():
+    """Free embeddings trained with and without the Matryoshka term: only the former still match
+    their pairs when cut to their first 2 of 64 dimensions (the full size matches either way)."""
+    from mmemb.train.config import LossConfig
+    from mmemb.train.losses import JointObjective, first_dims
+
+    def train(dims):
+        g = torch.Generator().manual_seed(1)
+        q = torch.randn(32, 64, generator=g).requires_grad_()
+        t = torch.randn(32, 64, generator=g).requires_grad_()
+        objective = JointObjective(LossConfig(temperature=0.1, reason_nce=0, lm=0, decision=0, matryoshka_dims=dims))
+        opt = torch.optim.Adam([q, t], lr=0.05)
+        for _ in range(150):
+            emb, rows, pairs = _objective_inputs(*(torch.nn.functional.normalize(x, dim=-1) for x in (q, t)))
+            opt.zero_grad()
+            objective.contrastive(emb, rows, pairs).loss.backward()
+            opt.step()
+        return {d: float(((first_dims(q, d) @ first_dims(t, d).T).argmax(1) == torch.arange(32)).float().mean())
+                for d in (2, 64)}
+
+    plain, matryoshka = train([]), train([2])
+    assert plain[64] == matryoshka[64] == 1.0
+    assert matryoshka[2] == 1.0 and plain[2] <= 0.5, (plain, matryoshka)  # measured: 1.0 against 0.31
+
+
+def test_matryoshka_dims_in_the_training_config():
+    from mmemb.train.config import ConfigError, load_config
+
+    cfg = load_config(None, ["model=m", "output_dir=o", "datasets=[d]", "loss.matryoshka_dims=[32,64]"])
+    assert cfg.loss.matryoshka_dims == [32, 64]
+    with pytest.raises(ConfigError, match="matryoshka_dims must be positive"):
+        load_config(None, ["model=m", "output_dir=o", "datasets=[d]", "loss.matryoshka_dims=[0]"])

@@ -115,7 +115,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_path, pairs, 
     good = weights(latest_checkpoint(out))
     assert all(torch.isfinite(v).all() for v in good.values())
     assert not (out / "model").exists()
-    Embedder.from_pretrained(str(latest_checkpoint(out))).encode(["3 7 1"])
+    Embedder.from_pretrained(str(latest_checkpoint(out))).encode(["3 7 1"], mode="direct")
 
 
 EASY = ("DigitClass", "DigitCaption-I2T", "DigitCaption-T2I", "DigitGround")
@@ -127,7 +127,7 @@ def test_short_run_on_minimmeb_easy_tasks_rises_well_above_chance(tiny_path, tmp
         f"model={tiny_path}", f"output_dir={tmp_path / 'run'}", f"datasets=[{root}]", "max_steps=100",
         "hard_negatives=0", "log_every=10", "seed=0"]))
     trainer.run()
-    summary = evaluate(Embedder(trainer.backbone), "minimmeb-easy", tmp_path / "eval", data=str(root),
+    summary = evaluate(Embedder(trainer.backbone), "minimmeb-easy", tmp_path / "eval", mode="direct", data=str(root),
                        cache_dir=str(tmp_path / "cache"), show_progress=False)
     scores = {t: (summary["tasks"][t]["main"], 1 / TASKS[t].n_candidates) for t in EASY}  # held-out Hit@1, chance
     mean_hit, mean_chance = np.mean([s[0] for s in scores.values()]), np.mean([s[1] for s in scores.values()])

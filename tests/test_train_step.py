@@ -45,6 +45,15 @@ def test_gradcache_equals_plain_step(tiny_path, mixed_data, overrides):
     assert_same(plain, cached, "gradcache vs plain")
 
 
+def test_matryoshka_terms_in_the_step(tiny_path, mixed_data):
+    overrides = (*DIRECT_ONLY, "loss.matryoshka_dims=[8]")
+    results, _ = step_results(tiny_path, mixed_data, chunks=(0, 3), overrides=overrides)
+    terms = results[0][0]
+    assert {"nce_direct@8", "nce_matryoshka"} <= set(terms)
+    assert terms["loss"] == pytest.approx(terms["nce_direct"] + terms["nce_direct@8"], abs=1e-9)
+    assert_same(results[0], results[3], "gradcache vs plain, Matryoshka")
+
+
 def test_gradcache_replays_dropout_masks_with_lora_and_checkpointing(tiny_path, mixed_data):
     # LoRA dropout 0.5: the second pass of each chunk must draw the masks of its first pass
     overrides = ("lora.enabled=true", "lora.dropout=0.5", "gradient_checkpointing=true")

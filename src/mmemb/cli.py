@@ -9,7 +9,18 @@ from typing import Optional
 
 import typer
 
+from .defaults import (
+    BATCH_SIZE,
+    CORPUS_MODE,
+    DEFAULT_MODE,
+    DEFAULT_ON_ERROR,
+    MAX_IMAGE_PIXELS,
+    MAX_REASONING_TOKENS,
+    THINK_THRESHOLD,
+)
 from .serve.settings import ServeSettings
+
+IMAGE_PIXELS_HELP = "Largest image, width x height (the item fails beyond)."
 
 app = typer.Typer(
     help="mmemb: multimodal embeddings from a multimodal LLM that reasons only when reasoning helps.",
@@ -38,33 +49,68 @@ def init_backbone(
     typer.echo(f"wrote {arch} ({size}) backbone to {path}")
 
 
+_NUM_PROCESSES_HELP = ("Run on N processes: re-launched through `accelerate launch` (CPU: gloo, one thread each; "
+                       "with --device cuda, one GPU each). Under your own accelerate launch / torchrun, leave it out.")
+
+
+ENGINE_HELP = ("What writes rationales: hf (the model itself) | vllm (a vLLM engine over the same checkpoint; "
+               "pip install 'mmemb[vllm]' and a CUDA GPU; the embedding still comes from the model).")
+
+
 @app.command()
 def encode(
+    ctx: typer.Context,
     model: str = typer.Option(..., help="Checkpoint folder (or hub name when the hub is reachable)."),
     input: Path = typer.Option(..., "--input", help="JSONL: one item per line, e.g. "
                                                     '{"id": "q1", "text": "...", "image": "img.png", "instruction": "..."}'),
     output: Path = typer.Option(..., help="Output prefix: writes OUTPUT.npy (vectors) and OUTPUT.jsonl (per item)."),
-    mode: str = typer.Option("auto", help="direct | reason | auto"),
-    batch_size: int = typer.Option(32),
-    think_threshold: float = typer.Option(0.5, help="auto mode: reason when p(<think>) >= this."),
-    max_reasoning_tokens: int = typer.Option(128),
+    mode: str = typer.Option(DEFAULT_MODE, help="direct | reason | auto"),
+    batch_size: int = typer.Option(BATCH_SIZE),
+    think_threshold: float = typer.Option(THINK_THRESHOLD, help="auto mode: reason when p(<think>) >= this."),
+    max_reasoning_tokens: int = typer.Option(MAX_REASONING_TOKENS),
     max_reasoning_steps: Optional[int] = typer.Option(None, help="Stop reasoning after this many sentences."),
-    on_error: str = typer.Option("skip", help="skip: report bad items and go on | raise: stop at the first."),
+    on_error: str = typer.Option(DEFAULT_ON_ERROR, help="skip: report bad items and lines, go on | raise: stop at "
+                                                        "the first."),
+    chunk_size: int = typer.Option(2048, help="Save finished work every this many items (and at least every "
+                                              "--save-every seconds): a rerun after a kill continues from there. "
+                                              "Also the unit of work shared between processes."),
+    save_every: float = typer.Option(30.0, help="Seconds between saves of finished work, at most (see --chunk-size)."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help=IMAGE_PIXELS_HELP),
+    engine: str = typer.Option("hf", help=ENGINE_HELP),
+    num_processes: int = typer.Option(1, "--num-processes", help=_NUM_PROCESSES_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
     """Encode items from a JSONL file (resumable: rerun after a kill to continue)."""
     from .jobs.encode import run_encode
-    from .model.embedder import Embedder
 
+    device = _processes_for(ctx, num_processes, device)
     start = time.perf_counter()
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
-    s = run_encode(embedder, input, output, mode=mode, batch_size=batch_size, think_threshold=think_threshold,
-                   max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
-                   on_error=on_error, show_progress=True)
-    typer.echo(f"{s['items']} items, {s['failed']} failed, {s['reasoned_share']:.1%} reasoned, "
-               f"{s['prompt_tokens']} prompt + {s['generated_tokens']} generated tokens, "
-               f"{time.perf_counter() - start:.1f}s")
+    embedder = _load_embedder(model, device=device, dtype=dtype, max_image_pixels=max_image_pixels, engine=engine)
+    with _user_errors():
+        s = run_encode(embedder, input, output, chunk_size=chunk_size, save_every_s=save_every, mode=mode,
+                       batch_size=batch_size, think_threshold=think_threshold,
+                       max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
+                       on_error=on_error, show_progress=True)
+    if _is_main():
+        for row in s["failed_rows"][:20]:
+            typer.echo(f"  failed {row['id']}: {row['error']}", err=True)
+        typer.echo(f"{s['items']} items, {s['failed']} failed, {s['reasoned_share']:.1%} reasoned, "
+                   f"{s['prompt_tokens']} prompt + {s['generated_tokens']} generated tokens, "
+                   f"{time.perf_counter() - start:.1f}s")
+
+
+@app.command("export-st")
+def export_st(
+    model: str = typer.Option(..., help="Checkpoint folder (a LoRA adapter is merged into its base)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write: load it with SentenceTransformer(OUT)."),
+    dtype: str = typer.Option("auto", help="Weights' dtype in the export (auto: float32 on CPU)."),
+):
+    """Export a checkpoint as a sentence-transformers model (direct-mode embeddings: sentence-transformers
+    cannot reason first). Needs `pip install mmemb[st]`."""
+    from .model.st_export import export_sentence_transformers
+
+    typer.echo(f"wrote {export_sentence_transformers(model, out, dtype=dtype)}: SentenceTransformer({str(out)!r})")
 
 
 @app.command("train")
@@ -85,15 +131,15 @@ def train_cmd(
     import subprocess
     import sys
 
+    from .parallel import launch_command, launched
     from .train.config import ConfigError, load_config
-    from .train.launch import launch_command, launched
     from .train.trainer import RunExists, TrainingDiverged, check_output_dir, train
 
     try:
         if (num_processes > 1 or accelerate_config) and not launched():
             check_output_dir(load_config(config, overrides or []), resume)  # fail here, not in N processes
             args = [f"--config={config}", *(["--resume"] if resume else []), *(overrides or [])]
-            cmd = launch_command(args, num_processes, str(accelerate_config) if accelerate_config else None)
+            cmd = launch_command(["train", *args], num_processes, str(accelerate_config) if accelerate_config else None)
             raise typer.Exit(subprocess.call(cmd))
         final = train(config, overrides or [], resume=resume)
     except (ConfigError, RunExists, TrainingDiverged, FileNotFoundError) as e:
@@ -105,49 +151,67 @@ def train_cmd(
 
 _SERVE = ServeSettings()  # the server's defaults, shown in `mmemb serve --help`
 
-
 @app.command()
 def serve(
     model: str = typer.Option(..., help="Checkpoint folder to serve."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000),
-    served_model_name: Optional[str] = typer.Option(None, help="Name in /v1/models and in requests' \"model\" "
-                                                                "(default: the checkpoint folder's name)."),
+    served_model_name: list[str] = typer.Option(
+        [], help="Name in /v1/models and in requests' \"model\" (default: the checkpoint folder's name); repeat it "
+                 "for more accepted names. The --model value as given is accepted too."),
     max_batch_size: int = typer.Option(_SERVE.max_batch_size,
                                        help="Items per model batch; concurrent requests are merged."),
+    max_batch_tokens: int = typer.Option(_SERVE.max_batch_tokens,
+                                         help="Tokens per model batch, counted with padding (items x the longest); "
+                                              "a longer item runs alone."),
     max_wait_ms: float = typer.Option(_SERVE.max_wait_ms,
                                       help="Longest a request waits for others to share its batch."),
     max_queued_items: int = typer.Option(_SERVE.max_queued_items,
                                          help="Items waiting at most; beyond, requests get 503."),
     max_body_bytes: int = typer.Option(_SERVE.max_body_bytes, help="Largest request body (413 beyond)."),
     max_items: int = typer.Option(_SERVE.max_items, help="Most items in one request (400 beyond)."),
+    max_input_tokens: Optional[int] = typer.Option(None, help="Most tokens of one input, images included (400 "
+                                                               "beyond, before any model work). Default: the "
+                                                               "model's context length."),
     max_image_pixels: int = typer.Option(_SERVE.max_image_pixels, help="Largest image, width x height (400 beyond)."),
-    request_timeout: float = typer.Option(_SERVE.request_timeout_s, help="Seconds a request may take (504 beyond)."),
+    request_timeout: float = typer.Option(_SERVE.request_timeout_s, help="Seconds a request may take (504 beyond; "
+                                                                         "its queued work is dropped)."),
     allow_local_root: Optional[Path] = typer.Option(None, help="Allow image paths, only inside this folder "
                                                                "(symlinks and .. resolved). Off by default."),
-    allow_urls: bool = typer.Option(False, help="Allow http(s) image URLs (fetched by the server). Off by default."),
+    allow_urls: bool = typer.Option(False, help="Allow http(s) image URLs to public addresses (fetched by the "
+                                                "server). Off by default."),
+    allow_private_urls: bool = typer.Option(False, help="With --allow-urls: also loopback, private and link-local "
+                                                        "addresses (trusted networks only)."),
     api_key: Optional[str] = typer.Option(None, envvar="MMEMB_API_KEY", show_default=False,
                                           help="Require 'Authorization: Bearer KEY' on /v1/*."),
     think_threshold: float = typer.Option(_SERVE.think_threshold,
                                           help="reasoning=auto: reason when p(<think>) >= this."),
     max_reasoning_tokens: int = typer.Option(_SERVE.max_reasoning_tokens),
+    engine: str = typer.Option("hf", help=ENGINE_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
     log_level: str = typer.Option("info"),
 ):
     """Serve an OpenAI-compatible embedding API (POST /v1/embeddings, GET /v1/models, GET /health)."""
-    from .model.embedder import Embedder
     from .serve import create_app, run_server
 
+    names = served_model_names(model, served_model_name)
     settings = ServeSettings(
-        model_name=served_model_name or Path(model).name, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_queued_items=max_queued_items, max_body_bytes=max_body_bytes, max_items=max_items,
-        max_image_pixels=max_image_pixels, request_timeout_s=request_timeout,
-        allow_local_root=None if allow_local_root is None else str(allow_local_root), allow_urls=allow_urls,
-        api_key=api_key or None, think_threshold=think_threshold, max_reasoning_tokens=max_reasoning_tokens)
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto",
-                                        max_image_pixels=max_image_pixels)
+        model_name=names[0], aliases=names[1:], max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+        max_wait_ms=max_wait_ms, max_queued_items=max_queued_items, max_body_bytes=max_body_bytes,
+        max_items=max_items, max_input_tokens=max_input_tokens, max_image_pixels=max_image_pixels,
+        request_timeout_s=request_timeout, allow_local_root=None if allow_local_root is None else str(allow_local_root),
+        allow_urls=allow_urls, allow_private_urls=allow_private_urls, api_key=api_key or None,
+        think_threshold=think_threshold, max_reasoning_tokens=max_reasoning_tokens)
+    embedder = _load_embedder(model, device=device, dtype=dtype, max_image_pixels=max_image_pixels, engine=engine)
     run_server(create_app(embedder, settings), host=host, port=port, log_level=log_level)
+
+
+def served_model_names(model: str, given: list[str]) -> list[str]:
+    """The served name first (given, or the checkpoint folder's name), then the other accepted names:
+    further given names, and the --model value as typed and as an absolute path."""
+    names = list(given) or [Path(model).name]
+    return list(dict.fromkeys([*names, model, _model_ref(model)]))
 
 
 index_app = typer.Typer(help="Build and extend FAISS indexes of encoded items (then use `mmemb search`).",
@@ -157,19 +221,27 @@ app.add_typer(index_app, name="index")
 
 @index_app.command("build")
 def index_build(
+    ctx: typer.Context,
     model: str = typer.Option(..., help="Checkpoint folder to encode with (recorded in the index)."),
     input: Path = typer.Option(..., "--input", help="JSONL corpus: one item per line, e.g. "
                                                     '{"id": "d1", "text": "...", "image": "img.png"}'),
     out: Path = typer.Option(..., help="Index folder to write (replaced atomically)."),
-    mode: str = typer.Option("direct", help="How to encode the corpus: direct | reason | auto."),
-    kind: str = typer.Option("flat", help="flat (exact) | ivf | hnsw (approximate, for large corpora)."),
-    nlist: Optional[int] = typer.Option(None, help="ivf: number of lists (default ~sqrt(n), trained on the corpus)."),
-    nprobe: int = typer.Option(8, help="ivf: lists searched per query."),
+    mode: str = typer.Option(CORPUS_MODE, help="How to encode the corpus: direct | reason | auto."),
+    kind: str = typer.Option("flat", help="flat (exact) | ivf | hnsw (approximate) | ivfpq (compressed codes, for "
+                                          "corpora whose float32 vectors do not fit in memory)."),
+    nlist: Optional[int] = typer.Option(None, help="ivf, ivfpq: number of lists (default ~sqrt(n), trained on the "
+                                                   "corpus)."),
+    nprobe: int = typer.Option(8, help="ivf, ivfpq: lists searched per query."),
+    pq_m: Optional[int] = typer.Option(None, help="ivfpq: bytes per vector (divides the dimension; default dim/8)."),
     hnsw_m: int = typer.Option(32, help="hnsw: links per node."),
     ef_search: int = typer.Option(64, help="hnsw: candidates explored per query."),
-    batch_size: int = typer.Option(32),
-    think_threshold: float = typer.Option(0.5, help="auto mode: reason when p(<think>) >= this."),
-    max_reasoning_tokens: int = typer.Option(128),
+    batch_size: int = typer.Option(BATCH_SIZE),
+    think_threshold: float = typer.Option(THINK_THRESHOLD, help="auto mode: reason when p(<think>) >= this."),
+    max_reasoning_tokens: int = typer.Option(MAX_REASONING_TOKENS),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help=IMAGE_PIXELS_HELP),
+    chunk_size: int = typer.Option(2048, help="Items per saved chunk of vectors: the unit of resuming and of "
+                                              "sharing work between processes."),
+    num_processes: int = typer.Option(1, "--num-processes", help=_NUM_PROCESSES_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -178,13 +250,16 @@ def index_build(
     from .jobs.index import build_index
     from .model.embedder import Embedder
 
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
+    device = _processes_for(ctx, num_processes, device)
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, max_image_pixels=max_image_pixels)
     with _user_errors():
         config = IndexConfig(model=_model_ref(model), dim=embedder.dim, kind=kind, mode=mode,
                              think_threshold=think_threshold, max_reasoning_tokens=max_reasoning_tokens,
-                             nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
-        report = build_index(embedder, input, out, config, batch_size=batch_size, show_progress=True)
-    _echo_report(report, out)
+                             nlist=nlist, nprobe=nprobe, pq_m=pq_m, hnsw_m=hnsw_m, ef_search=ef_search)
+        report = build_index(embedder, input, out, config, batch_size=batch_size, show_progress=True,
+                             chunk_size=chunk_size)
+    if _is_main():
+        _echo_report(report, out)
 
 
 @index_app.command("add")
@@ -192,7 +267,7 @@ def index_add(
     index: Path = typer.Option(..., help="Index folder (from `mmemb index build`)."),
     input: Path = typer.Option(..., "--input", help="JSONL of new items; their ids must be new."),
     model: Optional[str] = typer.Option(None, help="Checkpoint folder (default: the one the index records)."),
-    batch_size: int = typer.Option(32),
+    batch_size: int = typer.Option(BATCH_SIZE),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -205,7 +280,7 @@ def index_add(
         recorded = VectorIndex.load(index).config.model
         if model is not None and _model_ref(model) != recorded:
             typer.echo(f"warning: the index was built with {recorded}; adding vectors of {model}", err=True)
-        embedder = Embedder.from_pretrained(model or recorded, device=device, dtype=dtype, gate="auto")
+        embedder = Embedder.from_pretrained(model or recorded, device=device, dtype=dtype)
         report = add_to_index(embedder, input, index, batch_size=batch_size, show_progress=True)
     _echo_report(report, index)
 
@@ -219,7 +294,7 @@ def search(
     model: Optional[str] = typer.Option(None, help="Checkpoint folder (default: the one the index records)."),
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
     reasoning: str = typer.Option("auto", help="auto (the model decides) | always | never."),
-    nprobe: Optional[int] = typer.Option(None, help="ivf: lists searched (default: as built)."),
+    nprobe: Optional[int] = typer.Option(None, help="ivf, ivfpq: lists searched (default: as built)."),
     ef_search: Optional[int] = typer.Option(None, help="hnsw: candidates explored (default: as built)."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
@@ -238,7 +313,7 @@ def search(
         idx = VectorIndex.load(index)
         idx.config.nprobe = nprobe or idx.config.nprobe
         idx.config.ef_search = ef_search or idx.config.ef_search
-        embedder = Embedder.from_pretrained(model or idx.config.model, device=device, dtype=dtype, gate="auto")
+        embedder = Embedder.from_pretrained(model or idx.config.model, device=device, dtype=dtype)
         item = Item(text=query, images=[str(image)] if image else [], instruction=instruction)
         hits, enc = run_search(idx, embedder, [item], k=k, mode=REASONING_MODES[reasoning])
     if enc.reasoned[0]:
@@ -247,6 +322,25 @@ def search(
     for hit in hits[0]:
         text = hit.row.get("text") or " ".join(hit.row.get("images", []))
         typer.echo(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.id}\t{text[:100]}")
+
+
+def _processes_for(ctx: typer.Context, num_processes: int, device: str) -> str:
+    """``--num-processes N``: run this same command on N processes (then exit with their status).
+    Returns the device of this process (``cuda``: its own GPU when launched)."""
+    from .parallel import command_line, launch_command, launched, process_device
+
+    if num_processes > 1 and not launched():
+        import subprocess
+
+        raise typer.Exit(subprocess.call(launch_command(command_line(ctx), num_processes)))
+    return process_device(device)
+
+
+def _is_main() -> bool:
+    """Whether this is the process that reports (the only one, or rank 0 of the launched ones)."""
+    from .parallel import processes
+
+    return processes().is_main
 
 
 def _model_ref(model: str) -> str:
@@ -259,6 +353,22 @@ def _echo_report(report, path: Path) -> None:
                f"{len(report.failed)} failed, {report.seconds:.1f}s")
     for item_id, reason in report.failed[:20]:
         typer.echo(f"  failed {item_id}: {reason}", err=True)
+
+
+def _load_embedder(model: str, engine: str, **opts):
+    """Embedder.from_pretrained; an unusable --engine (vLLM or GPU missing) ends the command with its reason."""
+    from .model.embedder import Embedder
+    from .model.vllm_engine import EngineUnavailable, check_engine
+
+    try:
+        check_engine(engine)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--engine") from None
+    try:
+        return Embedder.from_pretrained(model, engine=engine, **opts)
+    except EngineUnavailable as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @contextlib.contextmanager
@@ -297,7 +407,7 @@ def minimmeb_build(
 
 @app.command()
 def tasks(
-    benchmark: str = typer.Option("mmeb-v2", help="mmeb-v2 (the 78-task registry) | minimmeb (needs --data)."),
+    benchmark: str = typer.Option("mmeb-v2", help="mmeb-v2 (78 tasks) | mmeb-v3 (190) | minimmeb (needs --data)."),
     data: Optional[Path] = typer.Option(None, help="MiniMMEB folder (its manifest.json lists the tasks)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per task instead of a table."),
 ):
@@ -324,22 +434,32 @@ def tasks(
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     model: str = typer.Option(..., help="Checkpoint folder (or hub name when the hub is reachable)."),
-    tasks: str = typer.Option(..., help="Comma-separated task names and/or groups: minimmeb, mmeb-v2, "
-                                        "mmeb-v2-image|video|visdoc, image-classification, ... (see `mmemb tasks`)."),
+    tasks: str = typer.Option(..., help="Comma-separated task names, groups (minimmeb, mmeb-v2, "
+                                        "mmeb-v2-image|video|visdoc, image-classification, ...: see `mmemb tasks`) "
+                                        "and/or globs over task names ('Mini*', '*QA')."),
     out: Path = typer.Option(..., "--out", help="Run folder: RUN/<TASK>/{predictions.jsonl,score.json}, "
                                                 "RUN/summary.{json,md}. Rerun the same command to resume."),
-    mode: str = typer.Option("direct", help="Queries: direct | reason | auto (reason where the model chooses to)."),
+    mode: str = typer.Option(DEFAULT_MODE, help="Queries: direct | reason | auto (reason where the model chooses to)."),
     data: Optional[Path] = typer.Option(None, help="MiniMMEB folder, or a local MMEB-V2 copy "
                                                    "(image-tasks/, video-tasks/, visdoc-tasks/; see docs/eval.md)."),
-    candidate_mode: str = typer.Option("direct", help="Candidates: direct | reason | auto."),
-    think_threshold: float = typer.Option(0.5, help="auto mode: reason when p(<think>) >= this."),
-    max_reasoning_tokens: int = typer.Option(128, help="Reasoning budget per item; </think> is forced after it."),
+    candidate_mode: str = typer.Option(CORPUS_MODE, help="Candidates: direct | reason | auto."),
+    think_threshold: float = typer.Option(THINK_THRESHOLD, help="auto mode: reason when p(<think>) >= this."),
+    max_reasoning_tokens: int = typer.Option(MAX_REASONING_TOKENS,
+                                             help="Reasoning budget per item; </think> is forced after it."),
     max_reasoning_steps: Optional[int] = typer.Option(None, help="Stop reasoning after this many sentences."),
-    batch_size: int = typer.Option(32, help="Encode batch size; finished work is saved every 4 batches."),
+    batch_size: int = typer.Option(BATCH_SIZE, help="Encode batch size; finished work is saved every 4 batches."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N queries of each task (a quick look; the "
+                                                   "candidates they rank are encoded, not the whole task's)."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help=IMAGE_PIXELS_HELP),
     split: str = typer.Option("test", help="MiniMMEB split to evaluate (test | val)."),
     cache: Optional[Path] = typer.Option(None, help="Candidate-embedding cache folder "
                                                     "(default ~/.cache/mmemb/eval, or $MMEMB_CACHE/eval)."),
+    protocol: str = typer.Option("auto", help="Embedding convention: mmemb | vlm2vec | qwen3-vl-embedding | ume-r1 "
+                                              "(auto: read from the model folder; see docs/eval.md)."),
+    engine: str = typer.Option("hf", help=ENGINE_HELP),
+    num_processes: int = typer.Option(1, "--num-processes", help=_NUM_PROCESSES_HELP),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -347,24 +467,39 @@ def eval_(
     from .data.loaders import DataNotFound
     from .data.mmeb import TaskSelectionError, resolve_tasks
     from .eval.runner import EvalError, evaluate
-    from .model.embedder import Embedder
+    from .model.protocols import PROTOCOLS
 
     try:
         selected = resolve_tasks(tasks, data)
     except TaskSelectionError as e:
         raise typer.BadParameter(str(e), param_hint="--tasks") from None
+    device = _processes_for(ctx, num_processes, device)
     start = time.perf_counter()
-    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, gate="auto")
+    if protocol not in ("auto", *PROTOCOLS):
+        raise typer.BadParameter(f"choose auto or one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
+    embedder = _load_embedder(model, device=device, dtype=dtype, protocol=protocol,
+                              max_image_pixels=max_image_pixels, engine=engine)
+    for side, value in (("--mode", mode), ("--candidate-mode", candidate_mode)):
+        try:
+            embedder.protocol.resolve_mode(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint=side) from None
     try:
-        evaluate(embedder, selected, out, mode=mode, data=None if data is None else str(data),
-                 candidate_mode=candidate_mode, think_threshold=think_threshold,
-                 max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
-                 batch_size=batch_size, split=split, cache_dir=None if cache is None else str(cache))
+        summary = evaluate(embedder, selected, out, mode=mode, data=None if data is None else str(data),
+                           candidate_mode=candidate_mode, think_threshold=think_threshold,
+                           max_reasoning_tokens=max_reasoning_tokens, max_reasoning_steps=max_reasoning_steps,
+                           batch_size=batch_size, limit=limit, split=split,
+                           cache_dir=None if cache is None else str(cache))
     except (DataNotFound, EvalError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    typer.echo((out / "summary.md").read_text(encoding="utf-8"))
-    typer.echo(f"wrote {out}/summary.md ({time.perf_counter() - start:.1f}s)")
+    if _is_main():
+        typer.echo((out / "summary.md").read_text(encoding="utf-8"))
+        typer.echo(f"wrote {out}/summary.md ({time.perf_counter() - start:.1f}s)")
+        for reason in summary["missing_tasks"].values():
+            typer.echo(f"not evaluated: {reason}", err=True)
+    if summary["missing_tasks"]:
+        raise typer.Exit(2)
 
 
 @app.command()

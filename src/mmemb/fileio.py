@@ -9,18 +9,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write; it replaces ``path`` in one rename when the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -28,6 +30,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def atomic_concat(path: str | os.PathLike, parts: Iterable[str | os.PathLike]) -> None:
+    """The files ``parts`` one after the other, streamed into ``path`` (atomically)."""
+    with atomic_open(path) as f:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -101,6 +116,18 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_concat_npy(path: str | os.PathLike, parts: Sequence[str | os.PathLike], dim: int) -> None:
+    """Stack the (n_i, dim) float32 .npy files ``parts`` into one .npy at ``path``, one part in memory
+    at a time (the result may be larger than memory)."""
+    rows = [np.load(p, mmap_mode="r").shape[0] for p in parts]
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+              "shape": (sum(rows), dim)}
+    with atomic_open(path) as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for p in parts:
+            f.write(np.ascontiguousarray(np.load(p), dtype=np.float32).tobytes())
 
 
 @contextlib.contextmanager

@@ -18,10 +18,9 @@ from typing import Any, Iterable, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageLike = Union[Image.Image, str, os.PathLike, bytes]
+from .defaults import MAX_IMAGE_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
 
-# Decompression-bomb guard: refuse images over this many pixels before decoding them.
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+ImageLike = Union[Image.Image, str, os.PathLike, bytes]
 
 
 class ImageError(ValueError):
@@ -94,15 +93,22 @@ class Item:
 
     @classmethod
     def from_json(cls, row: dict[str, Any], root: str | os.PathLike | None = None) -> "Item":
-        """Build an item from a JSON row; relative image paths are resolved against ``root``."""
-        unknown = set(row) - {"id", "instruction", "text", "rationale", "images", "image", "video", "meta"}
+        """Build an item from a JSON row; relative image paths are resolved against ``root``.
+
+        A row that is not an object, has an unknown field or a field of the wrong type is refused
+        with a ValueError naming the field.
+        """
+        if not isinstance(row, dict):
+            raise ValueError(f"an item must be a JSON object, not {_json_type(row)}")
+        unknown = set(row) - ITEM_FIELDS
         if unknown:
             raise ValueError(f"unknown item field(s): {sorted(unknown)}")
-        images = row.get("images", [])
-        if "image" in row:
-            images = [row["image"]] + list(images)
+        _check_types(row)
+        images = row.get("images") or []
         if isinstance(images, str):
             images = [images]
+        if row.get("image") is not None:
+            images = [row["image"]] + list(images)
         video = row.get("video")
         return cls(
             id=None if row.get("id") is None else str(row["id"]),
@@ -113,6 +119,60 @@ class Item:
             video=None if video is None else [_resolve(i, root) for i in video],
             meta=dict(row.get("meta") or {}),
         )
+
+
+ITEM_FIELDS = {"id", "instruction", "text", "rationale", "images", "image", "video", "meta"}
+# What each field may hold (None is always allowed). Images are paths or data URLs in JSON; a dict
+# built in Python may also hold PIL images or bytes.
+_FIELD_TYPES = {"id": "id", "instruction": "str", "text": "str", "rationale": "str", "image": "image",
+                "images": "images", "video": "frames", "meta": "dict"}
+_WANTED = {"id": "a string or an integer", "str": "a string", "image": "an image path",
+           "images": "an image path or a list of them", "frames": "a list of image paths", "dict": "an object"}
+
+
+def _check_types(row: dict[str, Any]) -> None:
+    for key, kind in _FIELD_TYPES.items():
+        value = row.get(key)
+        if value is None:
+            continue
+        ok = {"id": isinstance(value, (str, int)) and not isinstance(value, bool),
+              "str": isinstance(value, str),
+              "image": _is_image(value),
+              "images": _is_image(value) or _is_image_list(value),
+              "frames": _is_image_list(value),
+              "dict": isinstance(value, dict)}[kind]
+        if not ok:
+            raise ValueError(f"field {key!r} must be {_WANTED[kind]}, not {_json_type(value)}")
+
+
+def _is_image(value: Any) -> bool:
+    return isinstance(value, (str, bytes, os.PathLike, Image.Image))
+
+
+def _is_image_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_image(v) for v in value)
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def check_text(item: Item) -> None:
+    """Refuse (with an ItemError) text fields that are not strings or not valid Unicode (lone
+    surrogates, e.g. from a ``\\udc80`` escape): the tokenizer would fail the whole batch on them."""
+    for key in ("instruction", "text", "rationale"):
+        value = getattr(item, key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ItemError(None, item.id, f"{key} must be a string, not {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ItemError(None, item.id, f"{key} is not valid Unicode text "
+                                           f"(lone surrogate {value[e.start]!r} at character {e.start})") from None
 
 
 @dataclass
@@ -227,8 +287,15 @@ def load_image(src: ImageLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Im
             raise ImageError(f"image file not found: {path}")
         if path.stat().st_size == 0:
             raise ImageError(f"empty image file: {path}")
-        with open(path, "rb") as f:
-            return _decode(io.BytesIO(f.read()), max_pixels)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ImageError(f"cannot read image file {path}: {e.strerror or e}") from None
+        try:
+            return _decode(io.BytesIO(data), max_pixels)
+        except ImageError as e:
+            raise ImageError(f"{e} (file {path})") from None
     raise ImageError(f"unsupported image type {type(src).__name__}")
 
 
@@ -238,7 +305,8 @@ def load_visuals(item: Item, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tupl
     frames = None
     if item.video is not None:
         if not item.video:
-            raise ImageError("video has no frames")
+            folder = item.meta.get("video")
+            raise ImageError("video has no frames" + (f" (nothing in {folder})" if folder else ""))
         frames = _load_each(item.video, "video frame", max_pixels)
         size = frames[0].size  # a video's frames share one size
         frames = [f if f.size == size else f.resize(size) for f in frames]
@@ -275,18 +343,23 @@ def _data_url_bytes(url: str) -> bytes:
 
 
 def _decode(buf: io.BytesIO, max_pixels: int) -> Image.Image:
+    # PIL raises many kinds of errors on damaged data (OSError "Truncated File Read" or "could not
+    # create decoder object" while it reads a header, SyntaxError, ValueError, struct.error,
+    # EOFError ...), at open, at load or at convert: every one becomes an ImageError.
     try:
         img = Image.open(buf)
     except UnidentifiedImageError:
         raise ImageError("cannot identify image data (corrupt or not an image)") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"image too large: {e}") from None
+    except Exception as e:
+        raise ImageError(f"corrupt image header ({_describe(e)})") from None
     _check_pixels(img.size, max_pixels)
-    try:
-        img.load()
-    except (OSError, SyntaxError) as e:
-        raise ImageError(f"corrupt or truncated image ({e})") from None
     return _finish(img)
+
+
+def _describe(e: Exception) -> str:
+    return str(e) or type(e).__name__
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
@@ -298,8 +371,13 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
 
 
 def _finish(img: Image.Image) -> Image.Image:
-    img = ImageOps.exif_transpose(img)
-    return img if img.mode == "RGB" else img.convert("RGB")
+    """Decode the pixels (an image opened lazily may fail only now), apply the EXIF orientation, RGB."""
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except Exception as e:
+        raise ImageError(f"corrupt or truncated image ({_describe(e)})") from None
 
 
 def _image_key(src: ImageLike) -> Any:

@@ -1,12 +1,16 @@
 """Loaders: benchmark data on disk (or on the Hugging Face hub) -> :class:`RankingTask`.
 
-Three formats (see ``docs/eval.md`` for the folder layouts):
+MMEB-V2 is read as the hub distributes it (:mod:`mmemb.data.mmeb_hub`: a TIGER-Lab/MMEB-V2
+download with the annotation datasets beside it, parsed as VLM2Vec-V2 parses them). Three
+formats meet here (``docs/eval.md`` has the folder layouts):
 
 * **rows** — MMEB eval rows ``qry_inst, qry_text, qry_img_path, tgt_inst, tgt_text[], tgt_img_path[]``,
-  the positive first. Video tasks use the same rows with frame folders in ``qry_video`` /
-  ``tgt_video[]``; each folder gives :data:`NUM_FRAMES` frames sampled uniformly. Local tasks
-  rank each row's own list; global tasks rank the union of all rows' candidates (or
-  ``corpus.jsonl`` where the task folder has one, e.g. the full label set).
+  the positive first (or graded by ``tgt_rel``); ``qry_video`` / ``tgt_video[]`` are frame folders,
+  each giving :data:`NUM_FRAMES` frames. Local tasks rank each row's own list; global tasks rank
+  the union of all rows' candidates (and a corpus, e.g. the full label set). The image tasks'
+  rows are distributed in this format; the video tasks' annotations are turned into it.
+  The project's own earlier layout (rows in ``image-tasks/<TASK>/``, ``video-tasks/<TASK>/test.jsonl``)
+  is still read.
 * **beir** — visual documents: ``queries``, ``corpus`` (page images), ``qrels`` (graded relevance);
   every query ranks the whole corpus.
 * MiniMMEB — rows in ``DIR/<split>/<TASK>.jsonl`` with images relative to ``DIR``.
@@ -28,14 +32,12 @@ from ..fileio import iter_jsonl
 from ..hub import hub_offline
 from ..items import Item, RankingTask
 from .mmeb import IMAGE, VIDEO, VISDOC, TaskInfo
+from .mmeb_hub import MVBENCH_SUBSETS, VIDEO_PARSERS, DataNotFound, hub_rows, media_root, missing_repo, visdoc_image
+from .mmeb_v3 import load_v3_task
 
 NUM_FRAMES = 8
 IMAGE_PLACEHOLDER = "<|image_1|>"
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-class DataNotFound(FileNotFoundError):
-    """A task's data is not where it was looked for; the message says how to provide it."""
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -49,6 +51,8 @@ def load_task(info: TaskInfo, data: str | os.PathLike | None = None, split: str 
         if not path.is_file():
             raise DataNotFound(f"{info.name}: no {split} rows at {path}")
         return rows_task(info, iter_jsonl(path), root=Path(data), num_frames=num_frames)
+    if "files" in info.extra:  # an MMEB-V3 task beyond MMEB-V2
+        return load_v3_task(info, data)
     if info.modality == IMAGE:
         return _load_image_task(info, data, num_frames)
     if info.modality == VIDEO:
@@ -61,44 +65,76 @@ def load_task(info: TaskInfo, data: str | os.PathLike | None = None, split: str 
 def _load_image_task(info: TaskInfo, data, num_frames: int) -> RankingTask:
     if data is None:
         raise DataNotFound(
-            f"{info.name}: image tasks need a local copy of the MMEB images. Put the images under "
-            f"DIR/image-tasks/MMEB/ (and, where the hub is unreachable, the eval rows under "
-            f"DIR/image-tasks/{info.name}/ as .jsonl or .parquet, e.g. from `hf download {info.hub[0]} "
-            f"--repo-type dataset --local-dir DIR/image-tasks`) and pass --data DIR")
+            f"{info.name}: image tasks need a local copy of the MMEB-V2 images: download TIGER-Lab/MMEB-V2 into DIR "
+            f"(`hf download TIGER-Lab/MMEB-V2 --repo-type dataset --local-dir DIR`), unpack "
+            f"DIR/image-tasks/mmeb_v1.tar.gz, and pass --data DIR")
     base = Path(data) / "image-tasks"
-    rows = _read_rows(base, info.name)
+    rows = _read_rows(base, info.name) if base.is_dir() else None  # the project's own layout
     if rows is None:
-        rows = _hub_split(info, local_hint=f"{base / info.name}/ (.jsonl or .parquet rows)")
-    return rows_task(info, rows, root=base / "MMEB", num_frames=num_frames)
+        rows = _annotations(info, data)
+    return rows_task(info, rows, root=_image_root(info, data), num_frames=num_frames)
+
+
+def _image_root(info: TaskInfo, data) -> Path:
+    """image-tasks/ as VLM2Vec's download script leaves it (MMEB/* moved up), or image-tasks/MMEB/."""
+    base = media_root(info.name, data, "image-tasks")
+    if (base / "MMEB").is_dir():
+        return base / "MMEB"
+    if not any(p.is_dir() for p in base.iterdir()):
+        media_root(info.name, data, "image-tasks/MMEB")  # raises, naming the archive to unpack
+    return base
 
 
 def _load_video_task(info: TaskInfo, data, num_frames: int) -> RankingTask:
-    hint = (f"{info.name}: video tasks are read from a local copy with extracted frames: "
-            f"DIR/video-tasks/{info.name}/test.jsonl (rows with frame folders relative to DIR/video-tasks); "
-            f"pass --data DIR")
     if data is None:
-        raise DataNotFound(hint)
-    base = Path(data) / "video-tasks"
-    rows = _read_rows(base, info.name)
-    if rows is None:
-        raise DataNotFound(hint + f" (nothing found at {base / info.name})")
-    corpus = _read_table(base / info.name, "corpus")
-    return rows_task(info, rows, root=base, num_frames=num_frames, corpus=corpus)
+        raise DataNotFound(f"{info.name}: video tasks are read from a local copy with the extracted frames "
+                           f"(TIGER-Lab/MMEB-V2's video-tasks/frames/): pass --data DIR")
+    own = Path(data) / "video-tasks" / info.name
+    if own.is_dir():  # the project's own layout: rows with frame folders relative to DIR/video-tasks
+        rows = _read_rows(own.parent, info.name)
+        if rows is None:
+            raise DataNotFound(f"{info.name}: {own} holds no test rows (test.jsonl or test-*.parquet)")
+        return rows_task(info, rows, root=own.parent, num_frames=num_frames,
+                         corpus=_read_table(own, "corpus"))
+    annotations = _annotations(info, data)
+    root = media_root(info.name, data, info.extra["media"])
+    rows, corpus = VIDEO_PARSERS[info.extra["parser"]](info, annotations, root)
+    return rows_task(info, rows, root=root, num_frames=num_frames, corpus=corpus)
 
 
 def _load_visdoc_task(info: TaskInfo, data) -> RankingTask:
     folder = None if data is None else Path(data) / "visdoc-tasks" / info.name
-    if folder is not None and folder.is_dir():
+    if folder is not None and folder.is_dir():  # the project's own layout: the three tables in the task folder
         parts = {name: _read_table(folder, name) for name in ("queries", "corpus", "qrels")}
         missing = [name for name, rows in parts.items() if rows is None]
-        if missing:
-            raise DataNotFound(f"{info.name}: {folder} has no {', '.join(missing)} "
-                               f"(expected queries / corpus / qrels as .jsonl, .parquet or a folder of them)")
-        return beir_task(info, parts["queries"], parts["corpus"], parts["qrels"], root=folder)
-    repo, _, split = info.hub
-    hint = f"DIR/visdoc-tasks/{info.name}/ (queries, corpus, qrels)"
-    queries, corpus, qrels = (_hub_split(info, config=c, split=split, local_hint=hint) for c in ("queries", "corpus", "qrels"))
-    return beir_task(info, queries, corpus, qrels, root=Path("."))
+        if len(missing) < 3:
+            if missing:
+                raise DataNotFound(f"{info.name}: {folder} has no {', '.join(missing)} "
+                                   f"(expected queries / corpus / qrels as .jsonl, .parquet or a folder of them)")
+            return beir_task(info, parts["queries"], parts["corpus"], parts["qrels"], root=folder)
+    queries, corpus, qrels = (_annotations(info, data, config=c) for c in ("queries", "corpus", "qrels"))
+    pages = Path(data) / info.extra["media"] if data is not None else None
+    if pages is not None and pages.is_dir():  # page images as VLM2Vec-V2 saved them, where unpacked
+        corpus = [_page_from_folder(row, info, pages) for row in corpus]
+    return beir_task(info, queries, corpus, qrels, root=pages or Path("."))
+
+
+def _page_from_folder(row: dict, info: TaskInfo, pages: Path) -> dict:
+    path = visdoc_image(info.extra["parser"], pages, str(row["corpus-id"]))
+    return {**row, "image": str(path)} if path.is_file() else row
+
+
+def _annotations(info: TaskInfo, data, config: str | None = None) -> list[dict]:
+    """A task's annotation rows: from the local download of its dataset, else from the hub."""
+    repo, default_config, split = info.hub
+    configs = MVBENCH_SUBSETS if info.extra.get("parser") == "mvbench" else [config or default_config]
+    rows = []
+    for cfg in configs:
+        part = hub_rows(info.name, data, repo, cfg, split)
+        if part is None:
+            part = _hub_split(info, data, repo, cfg, split)
+        rows += [{**r, "subset": cfg} for r in part] if len(configs) > 1 else list(part)
+    return rows
 
 
 # ---- rows format -------------------------------------------------------------------------------
@@ -121,7 +157,7 @@ def rows_task(info: TaskInfo, rows: Iterable[dict], root: Path, num_frames: int 
             raise ValueError(f"{info.name}: row {i}: {e}") from None
         if qid in lists:
             raise ValueError(f"{info.name}: row {i}: duplicate query id {qid!r}")
-        query.id, query.meta = qid, dict(row.get("meta") or {})
+        query.id, query.meta = qid, {**query.meta, **(row.get("meta") or {})}
         queries.append(query)
         lists[qid] = cands
         rel = row.get("tgt_rel") or [1.0] + [0.0] * (n - 1)  # positive first unless the row grades them
@@ -175,7 +211,7 @@ def _row_item(row: dict, side: str, default_inst: str, root: Path, num_frames: i
         # v1 rows put the instruction at the start of the text
         inst, text = default_inst, text[len(default_inst):].strip()
     image, video = field("img_path"), field("video")
-    item = Item(text=text or None, instruction=inst if inst is not None else (default_inst or None),
+    item = Item(text=text or None, instruction=(inst if inst is not None else default_inst) or None,
                 images=[_resolve(image, root)] if image else [])
     return _with_video(item, video, root, num_frames)
 
@@ -249,24 +285,24 @@ def _first(row: dict, *keys: str, default: Any = KeyError):
 
 # ---- video frames ------------------------------------------------------------------------------
 def sample_frames(folder: str | os.PathLike, num_frames: int = NUM_FRAMES) -> list[str]:
-    """``num_frames`` frame paths spread uniformly over a folder of frames (in natural order).
+    """``num_frames`` frame paths spread uniformly over a folder of frames, as VLM2Vec-V2 samples them.
 
-    Index k of n frames: round(k * (n - 1) / (num_frames - 1)); short videos repeat frames so
-    every video has the same number. A missing or empty folder gives ``[]`` (the item fails
-    with "video has no frames" when it is encoded).
+    Frames in natural file-name order (case-insensitive); index k of n frames is
+    floor(k * (n - 1) / (num_frames - 1)); a video with fewer frames gives all of them. A
+    missing or empty folder gives ``[]`` (the item fails, naming the folder, when it is encoded).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
     frames = sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS), key=_natural_key)
-    if not frames:
-        return []
-    idx = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
+    if len(frames) <= num_frames:
+        return [str(f) for f in frames]
+    idx = np.linspace(0, len(frames) - 1, num_frames).astype(int)
     return [str(frames[i]) for i in idx]
 
 
 def _natural_key(p: Path) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
 
 
 # ---- reading tables ----------------------------------------------------------------------------
@@ -314,15 +350,10 @@ def _task_meta(info: TaskInfo) -> dict[str, Any]:
 
 
 # ---- the hub -----------------------------------------------------------------------------------
-def _hub_split(info: TaskInfo, local_hint: str, config: str | None = None, split: str | None = None):
+def _hub_split(info: TaskInfo, data, repo: str, config: str | None, split: str):
     """Rows from the hub, or a fast, clear failure when it cannot be reached."""
-    repo, default_config, default_split = info.hub
-    config = config if config is not None else default_config
     if hub_offline():
-        raise DataNotFound(
-            f"{info.name}: no local copy found and the Hugging Face hub cannot be reached from here. "
-            f"Download {repo} where the hub is reachable (`hf download {repo} --repo-type dataset`), "
-            f"copy it to {local_hint} and pass --data DIR")
+        raise missing_repo(info.name, data, repo, config)
     from datasets import load_dataset
 
-    return load_dataset(repo, config, split=split or default_split)
+    return load_dataset(repo, config, split=split)

@@ -2,21 +2,31 @@
 
 Names, meta-tasks, metrics, ranking types and instructions follow VLM2Vec-V2's release
 (TIGER-AI-Lab/VLM2Vec: ``experiments/public/eval/{image,video,visdoc}.yaml`` and the dataset
-parsers under ``src/data/eval_dataset``). Image rows carry their own instructions; the ones here
-are what those rows say (used when a row has none, and to split an instruction off a v1-style
-``qry_text``). Video and visual-document tasks have fixed instructions, given here.
+parsers under ``src/data/eval_dataset``), and so do where each task's data comes from: the
+annotation dataset (``hub``: repository, config, split), the parser that reads it and the media
+folder of a TIGER-Lab/MMEB-V2 download (``extra``; see :mod:`mmemb.data.mmeb_hub`). Image rows
+carry their own instructions; the ones here are what those rows say (used when a row has none,
+and to split an instruction off a v1-style ``qry_text``). Video and visual-document tasks have
+fixed instructions, given here.
 
 Ranking type: video classification on HMDB51, UCF101, K700 and Breakfast ranks against the full
 label set (global); video text-to-video retrieval ranks against every test video and visual
 documents rank against the whole page corpus (global too, as VLM2Vec-V2's configs set them);
 everything else ranks its own candidate list (local), the positive first.
 
+**MMEB-V3** (190 tasks: the 78 above, MCMR, 53 text, 47 agent and 11 audio tasks) is registered
+from its public configs (VLM2Vec's MMEB-V3 branch: ``experiments/public/eval/*.yaml`` and
+``experiments/report_score_v3.py``), kept in ``mmeb_v3_tasks.json``: names, categories, metrics
+(NDCG@5 for text, as the MMEB-V3 paper reports it; Hit@1 for agent, MCMR and audio), ranking
+types and each task's files under an MMEB-V3 download.
+
 A ``minimmeb`` benchmark reads its tasks from a MiniMMEB folder's ``manifest.json``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import fnmatch
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +66,7 @@ class TaskInfo:
 
 
 # ---- image (36) -------------------------------------------------------------------------------
-_IMAGE_HUB = "TIGER-Lab/MMEB-eval"
+_IMAGE_HUB = "ziyjiang/MMEB_Test_Instruct"  # the rows VLM2Vec-V2's image parsers read (one config per task)
 
 _VQA_INST = "Represent the given image with the following question:"
 _CROP_TGT = "Represent the given cropped image of the object"
@@ -140,6 +150,28 @@ _VIDEO_TASKS = {
     ],
 }
 
+# Where each video task's annotations and frames are: (repository, config, split), parser, frame folder.
+_VIDEO_SOURCES = {
+    "K700": (("VLM2Vec/Kinetics-700", None, "test"), "video_classification", "video_cls/K700"),
+    "SmthSmthV2": (("VLM2Vec/SmthSmthV2", None, "test"), "ssv2", "video_cls/SSv2"),
+    "HMDB51": (("VLM2Vec/HMDB51", None, "test"), "video_classification", "video_cls/HMDB51"),
+    "UCF101": (("VLM2Vec/UCF101", None, "test"), "video_classification", "video_cls/UCF101"),
+    "Breakfast": (("VLM2Vec/Breakfast", None, "test"), "video_classification", "video_cls/Breakfast"),
+    "MVBench": (("VLM2Vec/MVBench", None, "train"), "mvbench", "video_qa/MVBench"),
+    "Video-MME": (("VLM2Vec/Video-MME", None, "test"), "videomme", "video_qa/Video-MME"),
+    "NExTQA": (("VLM2Vec/NExTQA", "MC", "test"), "nextqa", "video_qa/NExTQA"),
+    "EgoSchema": (("VLM2Vec/EgoSchema", "Subset", "test"), "egoschema", "video_qa/EgoSchema"),
+    "ActivityNetQA": (("VLM2Vec/ActivityNetQA", None, "test"), "activitynetqa", "video_qa/ActivityNetQA"),
+    "DiDeMo": (("VLM2Vec/DiDeMo", None, "test"), "didemo", "video_ret/DiDeMo"),
+    "MSR-VTT": (("VLM2Vec/MSR-VTT", "test_1k", "test"), "msrvtt", "video_ret/MSR-VTT"),
+    "MSVD": (("VLM2Vec/MSVD", None, "test"), "msvd", "video_ret/MSVD"),
+    "VATEX": (("VLM2Vec/VATEX", None, "test"), "vatex", "video_ret/VATEX"),
+    "YouCook2": (("lmms-lab/YouCook2", None, "val"), "youcook2", "video_ret/YouCook2"),
+    "QVHighlight": (("VLM2Vec/QVHighlight", None, "test"), "moment_retrieval", "video_mret/QVHighlight"),
+    "Charades-STA": (("VLM2Vec/Charades-STA", None, "test"), "moment_retrieval", "video_mret/Charades_STA"),
+    "MomentSeeker": (("VLM2Vec/MomentSeeker", None, "test"), "momentseeker", "video_mret/MomentSeeker"),
+}
+
 # ---- visual documents (24) --------------------------------------------------------------------
 _DOC_QRY = "Find a document image that matches the given query:"
 _DOC_TGT = "Understand the content of the provided document image."
@@ -178,18 +210,44 @@ _VISDOC_TASKS = {
 }
 
 
+# Page-image folders of the visual-document tasks in a TIGER-Lab/MMEB-V2 download (where not the task name).
+_VISDOC_FOLDERS = {"ViDoRe_esg_reports_human_labeled_v2": "esg_reports_human_labeled_v2",
+                   "ViDoRe_biomedical_lectures_v2_multilingual": "biomedical_lectures_v2_multilingual",
+                   "ViDoRe_economics_reports_v2_multilingual": "economics_reports_v2_multilingual",
+                   "ViDoRe_esg_reports_v2_multilingual": "esg_reports_v2_multilingual"}
+
+
 def _build_registry() -> dict[str, TaskInfo]:
     tasks: list[TaskInfo] = []
     for meta, rows in _IMAGE_TASKS.items():
-        tasks += [TaskInfo(n, IMAGE, meta, HIT1, LOCAL, q, t, hub=(_IMAGE_HUB, n, "test")) for n, q, t in rows]
+        tasks += [TaskInfo(n, IMAGE, meta, HIT1, LOCAL, q, t, hub=(_IMAGE_HUB, n, "test"),
+                           extra={"parser": "image", "media": "image-tasks"}) for n, q, t in rows]
     for meta, rows in _VIDEO_TASKS.items():
-        tasks += [TaskInfo(n, VIDEO, meta, HIT1, e, q, t) for n, q, t, e in rows]
+        for n, q, t, e in rows:
+            hub, parser, frames = _VIDEO_SOURCES[n]
+            tasks.append(TaskInfo(n, VIDEO, meta, HIT1, e, q, t, hub=hub,
+                                  extra={"parser": parser, "media": f"video-tasks/frames/{frames}"}))
     for meta, rows in _VISDOC_TASKS.items():
-        tasks += [TaskInfo(n, VISDOC, meta, NDCG5, GLOBAL, _DOC_QRY, _DOC_TGT, hub=h) for n, h in rows]
+        tasks += [TaskInfo(n, VISDOC, meta, NDCG5, GLOBAL, _DOC_QRY, _DOC_TGT, hub=h,
+                           extra={"parser": "visrag" if meta == "visrag" else "vidore",
+                                  "media": f"visdoc-tasks/{_VISDOC_FOLDERS.get(n, n)}"}) for n, h in rows]
     return {t.name: t for t in tasks}
 
 
 MMEB_V2: dict[str, TaskInfo] = _build_registry()
+
+
+def _build_v3_registry() -> dict[str, TaskInfo]:
+    tasks = {name: replace(t, benchmark="mmeb-v3") for name, t in MMEB_V2.items()}
+    for spec in read_json(Path(__file__).with_name("mmeb_v3_tasks.json")):
+        tasks[spec["name"]] = TaskInfo(
+            spec["name"], spec["modality"], spec["meta_task"], spec["metric"], spec["eval_type"],
+            spec.get("qry_inst", ""), "", benchmark="mmeb-v3", extra={"parser": spec["parser"], "files": spec["files"]})
+    return tasks
+
+
+MMEB_V3: dict[str, TaskInfo] = _build_v3_registry()
+BENCHMARKS = {"mmeb-v2": MMEB_V2, "mmeb-v3": MMEB_V3}
 
 
 # ---- MiniMMEB -----------------------------------------------------------------------------------
@@ -215,13 +273,13 @@ def minimmeb_tasks(data: str | Path) -> dict[str, TaskInfo]:
 
 
 def benchmark_tasks(benchmark: str, data: str | Path | None = None) -> dict[str, TaskInfo]:
-    if benchmark == "mmeb-v2":
-        return dict(MMEB_V2)
+    if benchmark in BENCHMARKS:
+        return dict(BENCHMARKS[benchmark])
     if benchmark == "minimmeb":
         if data is None:
             raise TaskSelectionError("the minimmeb benchmark needs --data DIR (a folder made by `mmemb minimmeb build`)")
         return minimmeb_tasks(data)
-    raise TaskSelectionError(f"unknown benchmark {benchmark!r}; choose mmeb-v2 or minimmeb")
+    raise TaskSelectionError(f"unknown benchmark {benchmark!r}; choose mmeb-v2, mmeb-v3 or minimmeb")
 
 
 def task_groups(tasks: dict[str, TaskInfo]) -> dict[str, list[str]]:
@@ -236,23 +294,25 @@ def task_groups(tasks: dict[str, TaskInfo]) -> dict[str, list[str]]:
 
 
 def resolve_tasks(spec: str | list[str], data: str | Path | None = None) -> list[TaskInfo]:
-    """Tasks named by a ``--tasks`` value: comma-separated task names and/or group names.
+    """Tasks named by a ``--tasks`` value: comma-separated task names, group names and/or globs
+    over task names (``*``, ``?``, ``[...]``, case-insensitive: ``"Mini*"``, ``"*QA"``).
 
-    Groups: ``mmeb-v2``, ``mmeb-v2-image|video|visdoc``, meta-task groups such as
-    ``image-classification`` or ``visdoc-vidore_v2``, ``minimmeb`` (and ``minimmeb-easy``,
-    ``minimmeb-compositional``). MiniMMEB names need ``data`` (its folder).
+    Groups: ``mmeb-v2``, ``mmeb-v2-image|video|visdoc``, ``mmeb-v3``, ``mmeb-v3-text|tool|gui|memory|audio|...``,
+    meta-task groups such as ``image-classification``, ``visdoc-vidore_v2`` or ``text-BRIGHT``,
+    ``minimmeb`` (and ``minimmeb-easy``, ``minimmeb-compositional``). MiniMMEB names need ``data``
+    (its folder). A task in both MMEB versions is the MMEB-V2 one, except within ``mmeb-v3`` groups.
     """
     tokens = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not tokens:
         raise TaskSelectionError("no tasks given")
-    pool = dict(MMEB_V2)
+    pool = {**MMEB_V3, **MMEB_V2}
     mini: dict[str, TaskInfo] = {}
     if data is not None and (Path(data) / "manifest.json").is_file():
         mini = minimmeb_tasks(data)
     elif any(tok.startswith("minimmeb") for tok in tokens):
         benchmark_tasks("minimmeb", data)  # raises with the reason
     pool.update(mini)  # a MiniMMEB task of the same name as an MMEB one is not expected; MiniMMEB wins
-    groups = task_groups(MMEB_V2)
+    groups = {**task_groups(MMEB_V3), **task_groups(MMEB_V2)}
     for g, names in task_groups(mini).items():
         groups[g] = names
     out: list[TaskInfo] = []
@@ -261,8 +321,13 @@ def resolve_tasks(spec: str | list[str], data: str | Path | None = None) -> list
             names = groups[tok]
         elif tok in pool:
             names = [tok]
+        elif any(c in tok for c in "*?["):
+            names = [n for n in pool if fnmatch.fnmatchcase(n.lower(), tok.lower())]
+            if not names:
+                raise TaskSelectionError(f"no task matches {tok!r}; `mmemb tasks` lists them")
         else:
             raise TaskSelectionError(f"unknown task or group {tok!r}; `mmemb tasks` lists them "
                                      f"(groups: {', '.join(sorted(groups))})")
-        out += [pool[n] for n in names if pool[n] not in out]
+        source = MMEB_V3 if tok.startswith("mmeb-v3") else pool
+        out += [source[n] for n in names if source[n] not in out]
     return out

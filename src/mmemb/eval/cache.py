@@ -1,9 +1,10 @@
 """On-disk cache of candidate embeddings, keyed by model, encode settings and content.
 
 Layout: ``ROOT/<model fingerprint>/<settings fingerprint>/shard-<id>.npy`` (vectors) with a
-``shard-<id>.json`` beside it (the content digests of its rows, which rows failed and why). The
-JSON is written after the vectors, both atomically, so a shard exists whole or not at all; a run
-killed mid-way keeps every shard it finished. Any number of runs may share a cache.
+``shard-<id>.json`` beside it (the content digests of its rows, which rows failed and why, the
+seconds it took). The JSON is written after the vectors, both atomically, so a shard exists whole
+or not at all; a run killed mid-way keeps every shard it finished. Any number of runs (and the
+processes of one run) may share a cache: :meth:`EmbeddingCache.refresh` picks up their shards.
 
 Content digests hash what the model sees: instruction, text, and the *bytes* of every image and
 video frame (not their paths: a rebuilt benchmark can put new images at old paths).
@@ -35,8 +36,8 @@ class EmbeddingCache:
         self._index: dict[str, tuple[str, int]] = {}
         self._errors: dict[str, str] = {}
         self._arrays: dict[str, np.ndarray] = {}
-        for meta_path in sorted(self.dir.glob("shard-*.json")):
-            self._register(meta_path.stem, read_json(meta_path))
+        self._seconds: dict[str, float] = {}  # per registered shard
+        self.refresh()
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
@@ -68,15 +69,31 @@ class EmbeddingCache:
             ok[i] = True
         return vecs, ok, errors
 
-    def add(self, keys: Sequence[str], vectors: np.ndarray, ok: np.ndarray, errors: dict[int, str]) -> None:
+    def add(self, keys: Sequence[str], vectors: np.ndarray, ok: np.ndarray, errors: dict[int, str],
+            seconds: float = 0.0) -> None:
         """Store one encoded chunk as a new shard."""
-        shard = "shard-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
-        meta = {"keys": list(keys), "failed": {str(i): reason for i, reason in errors.items()}}
+        shard = _shard_name(keys)
+        meta = {"keys": list(keys), "failed": {str(i): reason for i, reason in errors.items()}, "seconds": seconds}
         atomic_save_npy(self.dir / f"{shard}.npy", np.asarray(vectors, np.float32))
         write_json(self.dir / f"{shard}.json", meta)
         self._register(shard, meta)
 
+    def has_shard(self, keys: Sequence[str]) -> bool:
+        """Whether the chunk ``keys`` is stored (by any process)."""
+        return (self.dir / f"{_shard_name(keys)}.json").exists()
+
+    def shard_seconds(self, keys: Sequence[str]) -> float:
+        """Encoding seconds of the registered chunk ``keys``."""
+        return self._seconds.get(_shard_name(keys), 0.0)
+
+    def refresh(self) -> None:
+        """Register the shards written since (by other runs or processes)."""
+        for meta_path in sorted(self.dir.glob("shard-*.json")):
+            if meta_path.stem not in self._seconds:
+                self._register(meta_path.stem, read_json(meta_path))
+
     def _register(self, shard: str, meta: dict) -> None:
+        self._seconds[shard] = float(meta.get("seconds", 0.0))
         failed = {int(i): reason for i, reason in meta.get("failed", {}).items()}
         for row, key in enumerate(meta["keys"]):
             self._index[key] = (shard, row)
@@ -89,6 +106,10 @@ class EmbeddingCache:
         if shard not in self._arrays:
             self._arrays[shard] = np.load(self.dir / f"{shard}.npy", mmap_mode="r")
         return self._arrays[shard]
+
+
+def _shard_name(keys: Sequence[str]) -> str:
+    return "shard-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
 
 
 # ---- fingerprints ------------------------------------------------------------------------------
@@ -134,6 +155,9 @@ def model_fingerprint(embedder: Any) -> str:
         if proc is not None:
             h.update(repr(sorted(dict(proc.size).items())).encode())
     h.update(str(getattr(embedder, "max_image_pixels", "")).encode())
+    protocol = getattr(embedder, "protocol", None)
+    if protocol is not None and protocol.name != "mmemb":  # a peer's convention gives other vectors
+        h.update(protocol.name.encode())
     _hash_module(h, bb)
     return h.hexdigest()[:20]
 

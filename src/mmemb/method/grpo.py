@@ -72,6 +72,7 @@ class RLConfig:
     # often wrong, which made reasoning look worse than the greedy reasoning inference does.
     temperature: float = 0.0
     max_reasoning_tokens: int = 64
+    compile: bool = True  # rollouts decode with the compiled step (False: the eager loop)
     reward: str = "mrr"  # mrr (reciprocal rank of the positive) | logprob (log p of the positive) | delta (the paper's)
     # Learned depth: a reasoning completion may also close its rationale after any of its sentences,
     # with the policy's own p(</think>) there (rollout.choose_depths); the cost term prices each depth.
@@ -118,7 +119,7 @@ def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Pa
     if reference is not None:
         reference.requires_grad_(False)
     policy.train()
-    reasoner = Reasoner(policy)
+    reasoner = Reasoner(policy, compile=cfg.compile)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     pairs = [p for spec in cfg.data for p in read_pairs(spec)]
     if not pairs:
@@ -133,8 +134,9 @@ def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Pa
     gen = torch.Generator().manual_seed(cfg.seed)
     if start_step:
         rng.setstate(_tuple_state(read_json(state_path / "rl_state.json")["python_rng"]))
-        gen.set_state(torch.load(state_path / "torch_rng.pt"))
-        opt.load_state_dict(torch.load(state_path / "optimizer.pt"))
+        # weights_only: tensors and plain containers only; a tampered file cannot run code when loaded
+        gen.set_state(torch.load(state_path / "torch_rng.pt", weights_only=True))
+        opt.load_state_dict(torch.load(state_path / "optimizer.pt", weights_only=True))
     sampling = SamplingConfig(max_tokens=cfg.max_reasoning_tokens, temperature=cfg.temperature, generator=gen)
 
     with JsonlAppender(out / "log.jsonl") as log:
@@ -161,7 +163,7 @@ def rl_step(policy: Backbone, reference: Backbone | None, reasoner: Reasoner, op
     t0 = time.perf_counter()
     queries = [p.query for p in batch]
     target_items, positive = _targets(batch)
-    targets = torch.from_numpy(Embedder(policy).encode(target_items, mode="direct").embeddings)
+    targets = torch.from_numpy(Embedder(policy).encode(target_items, mode="direct", on_error="raise").embeddings)
 
     prompts = [render_prompt(policy.processor, q) for q in queries]
     visuals = [load_visuals(q) for q in queries]

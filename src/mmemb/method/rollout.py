@@ -56,7 +56,7 @@ def sample_groups(backbone: Backbone, reasoner: Reasoner, items: Sequence[Item],
     state = state.repeat(owners)
     think = torch.bernoulli(p[owners].cpu(), generator=generator).bool().to(p.device)
     first = torch.where(think, torch.full_like(owners, ids.think), torch.full_like(owners, ids.emb))
-    result = reasoner.run(state.cache, state.mask, state.next_pos, first, sampling, first_is_logits=False)
+    result = reasoner.run([state.cache], [state.mask], state.next_pos, first, sampling, first_is_logits=False)
     rationale_ids = [tokens if t else None for tokens, t in zip(result.tokens, think.tolist())]
     closed = torch.tensor([c or not t for c, t in zip(result.closed_by_model, think.tolist())])
     emb = torch.nn.functional.normalize(result.embeddings, dim=-1)

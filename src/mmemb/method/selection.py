@@ -116,7 +116,7 @@ def score_chunk(embedder: Embedder, chunk: Sequence[Pair], rationales: dict[str,
                 flat.append(it)
             rows.append(unique[key])
         set_rows.append(torch.tensor(rows))
-    cand = torch.from_numpy(embedder.encode(flat, mode="direct").embeddings)
+    cand = torch.from_numpy(embedder.encode(flat, mode="direct", on_error="raise").embeddings)
 
     # Each pair: the direct tail (do(r = empty)) and one tail per candidate rationale.
     owners, tails, rat_tokens = [], [], []

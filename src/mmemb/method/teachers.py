@@ -3,7 +3,7 @@
 A teacher turns a batch of training queries into K candidate rationales each. Specs:
 
   minimmeb[:faithful=0.4,misread=0.2,slip=0.2,format_only=0.2]   MiniMMEB's benchmark teacher
-  local:PATH[?temperature=0.8&max_tokens=96]                     a local image-text-to-text checkpoint
+  local:PATH[?temperature=0.8&max_tokens=96]                     a local Qwen-VL checkpoint (mmemb's decoder)
   openai:BASE_URL#MODEL[?concurrency=8&timeout=60&retries=4]     an OpenAI-compatible chat endpoint
   vllm:PATH[?tensor_parallel=1]                                   vLLM's offline engine (optional extra)
 
@@ -115,15 +115,17 @@ def clean_rationale(text: str) -> str:
 
 
 class LocalTeacher:
-    """Any local image-text-to-text checkpoint, sampled with batched ``generate``."""
+    """A local Qwen-VL checkpoint (what :func:`mmemb.model.backbone.load_backbone` loads), sampled on
+    mmemb's own decoder: each query's prompt is prefilled once and its cache shared by the k samples,
+    and the tokens come from the compiled decoding step (``compile=False``: the eager loop)."""
 
     def __init__(self, path: str, temperature: float = 0.8, max_tokens: int = 96, seed: int = 0,
-                 device: str = "cpu", batch_size: int = 8):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+                 device: str = "cpu", batch_size: int = 8, compile: bool = True):
+        from ..model.backbone import load_backbone
+        from ..model.generation import Reasoner
 
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.processor.tokenizer.padding_side = "left"
-        self.model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True).to(device).eval()
+        self.backbone = load_backbone(path, device=device)
+        self.reasoner = Reasoner(self.backbone, compile=compile)
         self.id = f"local:{os.path.basename(os.path.normpath(path))}"
         self.sampling = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
         self.temperature, self.max_tokens, self.seed, self.batch_size = temperature, max_tokens, seed, batch_size
@@ -131,11 +133,14 @@ class LocalTeacher:
     def generate(self, pairs: Sequence[Pair], k: int) -> list[list[Candidate]]:
         import torch
 
+        from ..model.generation import SamplingConfig
+        from ..model.prefix_cache import prefill
+
+        bb = self.backbone
         out: list[list[Candidate]] = []
-        tok = self.processor.tokenizer
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start:start + self.batch_size]
-            texts, images = [], []
+            texts, visuals = [], []
             for pair in chunk:
                 imgs, _ = load_visuals(pair.query)
                 msgs = teacher_messages(pair.query, ["x"] * len(imgs))
@@ -143,26 +148,18 @@ class LocalTeacher:
                     if part["type"] == "image_url":
                         part.clear()
                         part["type"] = "image"
-                texts.append(self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-                images += imgs
-            inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-            torch.manual_seed(self.seed + start)
-            with torch.no_grad():
-                gen = self.model.generate(**inputs.to(self.model.device), do_sample=self.temperature > 0,
-                                          temperature=self.temperature or None, max_new_tokens=self.max_tokens,
-                                          num_return_sequences=k, pad_token_id=tok.pad_token_id)
-            new = gen[:, inputs["input_ids"].shape[1]:]
-            decoded = tok.batch_decode(new, skip_special_tokens=False)
-            stop = {t for t in (tok.eos_token, tok.pad_token, "<|im_end|>", "<|endoftext|>") if t}
+                texts.append(bb.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+                visuals.append((imgs, None))
+            state = prefill(bb, texts, visuals)
+            state = state.repeat(torch.arange(len(chunk), device=bb.device).repeat_interleave(k))
+            sampling = SamplingConfig(max_tokens=self.max_tokens, temperature=self.temperature,
+                                      generator=torch.Generator().manual_seed(self.seed + start))
+            result = self.reasoner.run([state.cache], [state.mask], state.next_pos, state.logits, sampling,
+                                       first_is_logits=True, text=True)
+            decoded = bb.tokenizer.batch_decode(result.tokens, skip_special_tokens=False)
             for q in range(len(chunk)):
-                cands = []
-                for j in range(k):
-                    text = decoded[q * k + j]
-                    for s in stop:
-                        text = text.split(s)[0]
-                    n = int((new[q * k + j] != tok.pad_token_id).sum())
-                    cands.append(Candidate(clean_rationale(text), tokens=n))
-                out.append(cands)
+                out.append([Candidate(clean_rationale(decoded[q * k + j]), tokens=len(result.tokens[q * k + j]))
+                            for j in range(k)])
         return out
 
 

@@ -8,6 +8,7 @@ ids and the multimodal RoPE positions that continuing on a KV cache needs.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -62,7 +63,11 @@ class Backbone(nn.Module):
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.source = source
-        self.ids = _token_ids(self.tokenizer)
+
+    @functools.cached_property
+    def ids(self) -> TokenIds:
+        """mmemb's token ids (<emb>, <think>, ...); a peer's checkpoint loaded without them has none."""
+        return _token_ids(self.tokenizer)
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -94,7 +99,9 @@ class Backbone(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        # not lm_head.weight: behind peft's trainable-token wrapper that weight is computed, which
+        # fails on FSDP's sharded parameters outside a forward
+        return self.hf_model.dtype
 
     # ---- computation -----------------------------------------------------------------------
     def forward(
@@ -266,10 +273,13 @@ def load_backbone(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     trust_remote_code: bool = False,
+    add_tokens: bool = True,
 ) -> Backbone:
     """Load a local checkpoint folder (full model, or a peft adapter over a base) or a hub name.
 
-    Weights are read from safetensors only; remote code runs only when asked for.
+    Weights are read from safetensors only; remote code runs only when asked for. ``add_tokens``
+    adds mmemb's protocol tokens where missing (off for a peer's checkpoint, whose tokenizer
+    must stay as released).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
@@ -295,7 +305,7 @@ def load_backbone(
         base, dtype=torch_dtype, attn_implementation=attn_implementation, use_safetensors=True,
         trust_remote_code=trust_remote_code,
     )
-    if is_adapter:
+    if add_tokens and is_adapter:
         # The adapter was trained on the base with the protocol tokens added to the *base*
         # tokenizer: add them the same way (same rows, same mean initialisation), whatever the
         # adapter folder's saved tokenizer already holds.
@@ -303,7 +313,7 @@ def load_backbone(
         add_protocol_tokens(model, base_processor)
         if base_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
             raise ValueError(f"{source}: the adapter's tokenizer differs from its base {base!r} plus the protocol tokens")
-    else:
+    elif add_tokens:
         add_protocol_tokens(model, processor)
     if is_adapter:
         from peft import PeftModel
@@ -313,13 +323,17 @@ def load_backbone(
     return Backbone(model, processor, source=str(name_or_path))
 
 
+def tokenizer_folder(name_or_path: str | os.PathLike) -> str:
+    """Where a checkpoint's tokenizer files are (an adapter folder's own, or its base's)."""
+    source = _resolve_source(name_or_path)
+    return _tokenizer_source(source, _adapter_base(source))
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
     """The checkpoint's tokenizer alone (no weights read), found as ``load_backbone`` finds it."""
     from transformers import AutoTokenizer
 
-    source = _resolve_source(name_or_path)
-    return AutoTokenizer.from_pretrained(_tokenizer_source(source, _adapter_base(source)),
-                                         trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(tokenizer_folder(name_or_path), trust_remote_code=trust_remote_code)
 
 
 def _adapter_base(source: str) -> str:

@@ -2,27 +2,30 @@
 
 After the prompt is prefilled, each row writes its rationale one token per step on the same
 cache, closes it with </think> (by itself, or forced at the budget) and feeds <emb>; the
-hidden state at that step is the row's embedding. Rows that finish leave the batch (their cache
-rows are dropped), so no row ever attends to padding gaps and nothing is prefilled twice.
+hidden state at that step is the row's embedding. Nothing is prefilled twice.
+
+Two ways to run the steps, with the same tokens and vectors (to float rounding):
+
+* compiled (the default): the prefill's cache is copied into a static one sized to the budget and
+  one compiled step runs per token (replayed as a CUDA graph on a GPU), with no per-step Python
+  beyond that call (:mod:`.static_decoder`);
+* eager (``compile=False``, and the fallback where torch.compile fails): the model's own forward
+  per step on the growing cache; rows that finish leave the batch.
+
+The same loops write plain text for teachers (``text=True``): a stop token ends a row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 
 import torch
 
 from .backbone import Backbone
+from .decode_step import CompileUnavailable, SamplingConfig, StopRule, next_feed
 from .kv_cache import new_cache
-
-
-@dataclass
-class SamplingConfig:
-    max_tokens: int = 128  # rationale tokens before </think> is forced
-    max_steps: int | None = None  # sentences before </think> is forced (reasoning depth)
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None
-    generator: torch.Generator | None = field(default=None, repr=False)
+from .static_decoder import StaticDecoder
 
 
 @dataclass
@@ -33,44 +36,88 @@ class ReasoningResult:
 
 
 class Reasoner:
-    """Decodes rationales for a batch whose cache already holds prompt (+ <think>)."""
+    """Decodes rationales for a batch whose cache already holds prompt (+ <think>).
 
-    def __init__(self, backbone: Backbone):
+    ``compile``: run the compiled step on a static cache (see the module docstring); False runs
+    the eager loop. Where compilation fails, the eager loop runs instead, with one warning.
+    """
+
+    def __init__(self, backbone: Backbone, compile: bool = True):
         self.backbone = backbone
+        self.compile = compile
+        self._static = None
         ids = backbone.ids
         vocab = backbone.lm_head.weight.shape[0]
-        banned = torch.zeros(vocab, dtype=torch.bool)
-        banned[[i for i in ids.special if i < vocab]] = True
-        banned[len(backbone.tokenizer):] = True  # unused rows of a padded vocabulary
-        banned[ids.end_think] = False
-        self.banned = banned
+        special = torch.zeros(vocab, dtype=torch.bool)
+        special[[i for i in ids.special if i < vocab]] = True
+        special[len(backbone.tokenizer):] = True  # unused rows of a padded vocabulary
+        self.banned = special.clone()
+        self.banned[ids.end_think] = False
         self.ends_sentence = _sentence_end_ids(backbone.tokenizer, vocab)
+        finishes = torch.zeros(vocab, dtype=torch.bool)
+        finishes[ids.emb] = True
+        # The embedding protocol, and plain text up to a stop token (what a teacher writes: only
+        # <emb> and the rows past the tokenizer are banned; the budget forces the first stop token).
+        stops = torch.zeros_like(special)
+        stops[ids.stop] = True
+        text_banned = torch.zeros_like(special)
+        text_banned[len(backbone.tokenizer):] = True
+        text_banned[ids.emb] = True
+        self.rules = {"embedding": StopRule(self.banned, ~special, finishes, self.ends_sentence, ids.end_think, ids.emb),
+                      "text": StopRule(text_banned, ~stops, stops, self.ends_sentence, ids.stop[0], None)}
+        self._on_device: dict[tuple[str, str], StopRule] = {}
+
+    def rule(self, name: str, device) -> StopRule:
+        """A rule's tensors on ``device``, moved once: a CUDA graph keeps reading the same ones."""
+        key = (name, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = self.rules[name].to(device)
+        return self._on_device[key]
 
     @torch.no_grad()
     def run(
         self,
-        cache,
-        attention_mask: torch.Tensor,
+        caches: list,
+        masks: list[torch.Tensor],
         next_pos: torch.Tensor,
         first: torch.Tensor,
         sampling: SamplingConfig,
         first_is_logits: bool,
+        text: bool = False,
     ) -> ReasoningResult:
-        """Decode until every row has fed <emb>.
+        """Decode until every row has fed <emb> (``text``: plain text until a stop token).
 
-        ``first`` is either the next-token logits after the prefill (``first_is_logits``) or the
-        token ids to feed first (e.g. <think> after a decision step). ``next_pos`` is the RoPE
-        position of the first token to be fed, per row.
+        ``caches`` / ``masks``: the prefill caches of one or more batches and their (left-padded)
+        attention masks; their rows decode together, in order. ``first`` is either the next-token
+        logits after the prefill (``first_is_logits``) or the token ids to feed first (e.g. <think>
+        after a decision step). ``next_pos`` is the RoPE position of the first token to be fed, per
+        row. The compiled path only reads the caches; the eager path grows them.
         """
-        bb, ids = self.backbone, self.backbone.ids
+        name = "text" if text else "embedding"
+        rule = self.rule(name, masks[0].device)
+        if self.compile:
+            try:
+                if self._static is None:
+                    self._static = StaticDecoder(self.backbone)
+                hidden, tokens, closed = self._static.run(caches, masks, next_pos, first, first_is_logits, rule, name,
+                                                          sampling)
+                return ReasoningResult(hidden, tokens, closed)
+            except CompileUnavailable as e:
+                warnings.warn(f"decoding eagerly from now on (compile=False): {e}", RuntimeWarning, stacklevel=2)
+                self.compile = False
+        cache, mask = merge_caches(caches, masks, self.backbone)
+        return self._run_eager(cache, mask, next_pos, first, sampling, first_is_logits, rule)
+
+    def _run_eager(self, cache, attention_mask, next_pos, first, sampling: SamplingConfig, first_is_logits: bool,
+                   rule: StopRule) -> ReasoningResult:
+        bb = self.backbone
         device = attention_mask.device
         B = attention_mask.shape[0]
-        banned = self.banned.to(device)
-        sentence_end = self.ends_sentence.to(device)
+        limits = sampling.limits()
         rows = torch.arange(B, device=device)  # original row of each active row
         n_tokens = torch.zeros(B, dtype=torch.long, device=device)
         n_steps = torch.zeros(B, dtype=torch.long, device=device)
-        closing = torch.zeros(B, dtype=torch.bool, device=device)  # fed </think>: <emb> comes next
+        closing = torch.zeros(B, dtype=torch.bool, device=device)  # fed the closing token: ``then`` comes next
         tokens: list[list[int]] = [[] for _ in range(B)]
         closed_by_model = [True] * B
         out = torch.zeros(B, bb.hidden_size, dtype=torch.float32, device=device)
@@ -79,28 +126,24 @@ class Reasoner:
         feed = None if first_is_logits else first
         while rows.numel():
             if feed is None:
-                feed = self._choose(logits, banned, sampling)
-                over = (n_tokens >= sampling.max_tokens) | (
-                    (n_steps >= sampling.max_steps) if sampling.max_steps is not None else torch.zeros_like(closing))
-                forced = over & ~closing & (feed != ids.end_think)
+                feed, forced = next_feed(logits, closing, n_tokens, n_steps, rule, limits,
+                                         sampling.uniform(rows.numel(), device))
                 for r in rows[forced].tolist():
                     closed_by_model[r] = False
-                feed = torch.where(forced, torch.full_like(feed, ids.end_think), feed)
-                feed = torch.where(closing, torch.full_like(feed, ids.emb), feed)
-            is_text = (feed != ids.end_think) & (feed != ids.emb) & (feed != ids.think)
-            for r, tok, text in zip(rows.tolist(), feed.tolist(), is_text.tolist()):
+            written = rule.written[feed]
+            for r, tok, text in zip(rows.tolist(), feed.tolist(), written.tolist()):
                 if text:
                     tokens[r].append(tok)
-            n_tokens += is_text.long()
-            n_steps += (is_text & sentence_end[feed]).long()
+            n_tokens += written.long()
+            n_steps += (written & rule.sentence_end[feed]).long()
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             step_inputs = {"input_ids": feed.view(-1, 1), "attention_mask": mask}
             positions = pos.view(1, -1, 1).expand(3, -1, 1)
             result = bb(step_inputs, positions, cache=cache, logits_index=(torch.arange(feed.numel(), device=device),
                                                                            torch.zeros_like(feed)))
             pos = pos + 1
-            done = feed == ids.emb
-            closing = feed == ids.end_think
+            done = rule.finishes[feed]
+            closing = feed == rule.close
             logits = result.logits
             feed = None
             if done.any():
@@ -111,25 +154,16 @@ class Reasoner:
                 n_tokens, n_steps = n_tokens[keep], n_steps[keep]
         return ReasoningResult(out, tokens, closed_by_model)
 
-    @staticmethod
-    def _choose(logits, banned, sampling: SamplingConfig) -> torch.Tensor:
-        logits = logits.masked_fill(banned, float("-inf"))
-        if not sampling.temperature:
-            return logits.argmax(dim=-1)
-        scaled = logits / sampling.temperature
-        if sampling.top_k:
-            kth = torch.topk(scaled, sampling.top_k, dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1).cpu()
-        return torch.multinomial(probs, 1, generator=sampling.generator).flatten().to(logits.device)
-
 
 def _sentence_end_ids(tokenizer, vocab: int) -> torch.Tensor:
     """Tokens that end a sentence (a reasoning step): those whose text ends with . ! ? or a newline."""
     flags = torch.zeros(vocab, dtype=torch.bool)
-    texts = tokenizer.batch_decode([[i] for i in range(min(vocab, len(tokenizer)))])
-    for tok_id, text in enumerate(texts):
-        flags[tok_id] = text.rstrip(" ").endswith((".", "!", "?", "\n"))
+    ids = [[i] for i in range(min(vocab, len(tokenizer)))]
+    # The fast backend decodes a released 151k vocabulary in under a second; batch_decode's
+    # per-id Python work takes ~15 s there.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    texts = backend.decode_batch(ids, skip_special_tokens=False) if backend is not None else tokenizer.batch_decode(ids)
+    flags[:len(texts)] = torch.tensor([text.rstrip(" ").endswith((".", "!", "?", "\n")) for text in texts])
     return flags
 
 

@@ -49,10 +49,11 @@ def prefill(backbone: Backbone, prompts: Sequence[str], visuals: Sequence[tuple]
 
 
 @torch.no_grad()
-def embed_tails(backbone: Backbone, state: Prefilled, tails: Sequence[list[int]]) -> torch.Tensor:
-    """Feed each row its tail of token ids (ending in <emb>) in one forward; return the
-    L2-normalised hidden state at each tail's last token. Tails are right-padded: padding after
-    a row's <emb> cannot change it (causal attention)."""
+def embed_tails(backbone: Backbone, state: Prefilled, tails: Sequence[list[int]], normalize: bool = True
+                ) -> torch.Tensor:
+    """Feed each row its tail of token ids (ending in <emb>) in one forward; return the hidden state
+    at each tail's last token (L2-normalised unless ``normalize=False``). Tails are right-padded:
+    padding after a row's <emb> cannot change it (causal attention)."""
     n = len(tails)
     T = max(len(t) for t in tails)
     device = state.mask.device
@@ -65,4 +66,5 @@ def embed_tails(backbone: Backbone, state: Prefilled, tails: Sequence[list[int]]
     inputs = {"input_ids": ids, "attention_mask": torch.cat([state.mask, tail_mask], dim=1)}
     out = backbone(inputs, positions, cache=state.cache)
     last = torch.tensor([len(t) - 1 for t in tails], device=device)
-    return F.normalize(out.hidden[torch.arange(n, device=device), last].float(), dim=-1)
+    hidden = out.hidden[torch.arange(n, device=device), last].float()
+    return F.normalize(hidden, dim=-1) if normalize else hidden

@@ -40,5 +40,28 @@ def chat_messages(item: Item, num_images: int | None = None, has_video: bool | N
 
 
 def render_prompt(processor: Any, item: Item) -> str:
-    """The chat text up to (and including) the start of the assistant turn."""
-    return processor.apply_chat_template(chat_messages(item), tokenize=False, add_generation_prompt=True)
+    """The chat text up to (and including) the start of the assistant turn.
+
+    Some released templates open the assistant turn with a reasoning block of their own (an
+    empty ``<think>\n\n</think>\n\n`` when thinking is off, or ``<think>\n`` on thinking
+    models): that part is cut, so the first assistant token stays the model's decision.
+    """
+    text = processor.apply_chat_template(chat_messages(item), tokenize=False, add_generation_prompt=True)
+    opening = generation_prompt(processor)
+    if THINK in opening and text.endswith(opening):
+        text = text[:len(text) - len(opening) + opening.index(THINK)]
+    return text
+
+
+_GENERATION_PROMPTS: dict[str, str] = {}
+
+
+def generation_prompt(processor: Any) -> str:
+    """What the chat template appends for ``add_generation_prompt`` (e.g. ``<|im_start|>assistant\n``)."""
+    template = processor.chat_template if isinstance(processor.chat_template, str) else repr(processor.chat_template)
+    if template not in _GENERATION_PROMPTS:
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "u"}]}]
+        bare = processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
+        full = processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        _GENERATION_PROMPTS[template] = full[len(bare):] if full.startswith(bare) else ""
+    return _GENERATION_PROMPTS[template]

@@ -73,30 +73,11 @@ def build_forced_batch(
     """
     ids = backbone.ids
     prompt_batch = backbone.prepare(list(prompts), list(visuals))
-    mask = prompt_batch["attention_mask"].bool()
-    types = prompt_batch.get("mm_token_type_ids")
-    rows_ids, rows_types = [], []
-    for b, r in enumerate(rationales):
-        tail = [ids.emb] if r is None else [ids.think, *r, ids.end_think, ids.emb]
-        row = prompt_batch["input_ids"][b][mask[b]].tolist() + tail
-        rows_ids.append(row)
-        if types is not None:
-            rows_types.append(types[b][mask[b]].tolist() + [0] * len(tail))
-    L = max(len(r) for r in rows_ids)
-    B = len(rows_ids)
-    device = prompt_batch["input_ids"].device
-    input_ids = torch.full((B, L), ids.pad, dtype=torch.long)
-    attention = torch.zeros((B, L), dtype=torch.long)
-    token_types = torch.zeros((B, L), dtype=prompt_batch["input_ids"].dtype)
-    for b, row in enumerate(rows_ids):
-        input_ids[b, L - len(row):] = torch.tensor(row)
-        attention[b, L - len(row):] = 1
-        if types is not None:
-            token_types[b, L - len(row):] = torch.tensor(rows_types[b])
-    inputs = {k: v for k, v in prompt_batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    inputs.update(input_ids=input_ids.to(device), attention_mask=attention.to(device))
-    if types is not None:
-        inputs["mm_token_type_ids"] = token_types.to(device)
+    tails = [[ids.emb] if r is None else [ids.think, *r, ids.end_think, ids.emb] for r in rationales]
+    inputs = append_tails(prompt_batch, tails, ids.pad)
+    L = inputs["input_ids"].shape[1]
+    B = len(tails)
+    device = inputs["input_ids"].device
     positions, _ = backbone.rope_positions(inputs)
 
     reason = torch.tensor([r is not None for r in rationales], device=device)
@@ -113,6 +94,29 @@ def build_forced_batch(
             t_ids.append(tok)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     return ForcedBatch(inputs, positions, reason, decision_pos.to(device), as_long(t_row), as_long(t_pos), as_long(t_ids))
+
+
+def append_tails(prompt_batch: dict[str, torch.Tensor], tails: Sequence[list[int]], pad: int
+                 ) -> dict[str, torch.Tensor]:
+    """A left-padded batch of prompts with each row's token ids appended (text tokens), left-padded again."""
+    mask = prompt_batch["attention_mask"].bool()
+    types = prompt_batch.get("mm_token_type_ids")
+    rows_ids = [prompt_batch["input_ids"][b][mask[b]].tolist() + list(tail) for b, tail in enumerate(tails)]
+    L, B = max(len(r) for r in rows_ids), len(rows_ids)
+    device = prompt_batch["input_ids"].device
+    input_ids = torch.full((B, L), pad, dtype=torch.long)
+    attention = torch.zeros((B, L), dtype=torch.long)
+    token_types = torch.zeros((B, L), dtype=prompt_batch["input_ids"].dtype)
+    for b, row in enumerate(rows_ids):
+        input_ids[b, L - len(row):] = torch.tensor(row)
+        attention[b, L - len(row):] = 1
+        if types is not None:
+            token_types[b, L - len(row):] = torch.tensor(types[b][mask[b]].tolist() + [0] * len(tails[b]))
+    inputs = {k: v for k, v in prompt_batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    inputs.update(input_ids=input_ids.to(device), attention_mask=attention.to(device))
+    if types is not None:
+        inputs["mm_token_type_ids"] = token_types.to(device)
+    return inputs
 
 
 def forced_forward(model: Any, backbone: Backbone, batch: ForcedBatch, banned: torch.Tensor | None = None,

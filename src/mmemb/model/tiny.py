@@ -5,11 +5,17 @@ initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL of transformers' own classes, a byt
 tokenizer trained on a corpus (each digit its own token, as Qwen's pre-tokenizer does), the
 processor with a chat template, all saved with ``save_pretrained`` so that
 ``AutoModelForImageTextToText`` / ``AutoProcessor`` load the folder like any checkpoint.
+
+:func:`build_from_release` does the same from the files a released checkpoint ships without its
+weights (``config.json``, tokenizer, processor and chat-template files): the released tokenizer,
+vocabulary, special tokens, processor and template as they are, and a model of the released
+config with fewer layers and a smaller hidden size.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -179,3 +185,74 @@ def _classes(arch: str):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
     return Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+
+
+# ---- from a released checkpoint's files -------------------------------------------------------
+# The shape a released config is shrunk to: two layers each side, 32 wide (151,936 x 32 embeddings).
+RELEASE_TINY = dict(text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, text_ffn=64,
+                    vision_hidden=32, vision_layers=2, vision_heads=2, vision_ffn=64)
+
+
+def shrink_release_config(config: dict, s: dict = RELEASE_TINY) -> dict:
+    """A released ``config.json`` with fewer layers and a smaller hidden size.
+
+    Vocabulary size, token ids, RoPE type and theta, patch / merge sizes and the vision layout
+    stay as released. Where the head size follows from the hidden size (Qwen2-VL, Qwen2.5-VL),
+    the M-RoPE sections are scaled to the smaller head in the released proportions; Qwen3-VL
+    keeps its explicit head size and its sections.
+    """
+    cfg = json.loads(json.dumps(config))
+    kind = cfg.get("model_type")
+    if kind not in ARCHES:
+        raise ValueError(f"model_type {kind!r} is not one of {', '.join(ARCHES)}")
+    text = cfg.get("text_config") or cfg  # Qwen2(.5)-VL releases keep the text fields at the top level
+    text.update(hidden_size=s["text_hidden"], num_hidden_layers=s["text_layers"], intermediate_size=s["text_ffn"],
+                num_attention_heads=s["text_heads"], num_key_value_heads=s["text_kv_heads"])
+    if "max_window_layers" in text:
+        text["max_window_layers"] = s["text_layers"]
+    if "head_dim" not in text:
+        rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+        if "mrope_section" in rope:
+            rope["mrope_section"] = _scaled_sections(rope["mrope_section"], s["text_hidden"] // s["text_heads"] // 2)
+    vis = cfg["vision_config"]
+    vis.update(depth=s["vision_layers"], num_heads=s["vision_heads"])
+    if kind == "qwen2_vl":
+        vis.update(embed_dim=s["vision_hidden"], mlp_ratio=s["vision_ffn"] // s["vision_hidden"],
+                   hidden_size=s["text_hidden"])
+    else:
+        vis.update(hidden_size=s["vision_hidden"], intermediate_size=s["vision_ffn"], out_hidden_size=s["text_hidden"])
+    if "fullatt_block_indexes" in vis:
+        vis["fullatt_block_indexes"] = [s["vision_layers"] - 1]
+    if "deepstack_visual_indexes" in vis:
+        vis["deepstack_visual_indexes"] = [0]
+    return cfg
+
+
+def _scaled_sections(sections: list[int], half_head: int) -> list[int]:
+    """M-RoPE sections (temporal, height, width) scaled to sum to ``half_head``."""
+    total = sum(sections)
+    out = [max(1, round(x * half_head / total)) for x in sections[1:]]
+    return [half_head - sum(out), *out]
+
+
+def build_from_release(release: str | Path, out: str | Path, *, extra_files: Iterable[str | Path] = (),
+                       seed: int = 0, size: dict = RELEASE_TINY) -> Path:
+    """A random-weight checkpoint of a released model's config, shrunk, with its real files.
+
+    ``release`` holds the files a checkpoint ships besides its weights; ``extra_files`` adds
+    files kept elsewhere (e.g. a vocabulary shared by several releases). The released generation config, tokenizer, processor and chat template
+    are copied as they are; only ``config.json`` is shrunk (:func:`shrink_release_config`).
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    release, out = Path(release), Path(out)
+    config = shrink_release_config(json.loads((release / "config.json").read_text(encoding="utf-8")), size)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**config))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)  # config.json, generation_config.json (replaced below), weights
+    for f in [*sorted(release.iterdir()), *map(Path, extra_files)]:
+        if f.name == "config.json" or not f.is_file():
+            continue
+        shutil.copyfile(f, out / f.name)
+    return out

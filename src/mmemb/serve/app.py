@@ -17,13 +17,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
-from ..model.embedder import REASONING_MODES, Encoded
+from ..items import Item, ItemError, check_text
+from ..model.embedder import REASONING_MODES, Encoded, finish_vectors
+from ..model.token_count import count_tokens
 from .batcher import BatcherClosed, BatcherFull, DynamicBatcher
 from .errors import APIError
 from .inputs import SourcePolicy, UrlFetcher, load_images, parse_input, resolve_sources
 from .settings import ServeSettings
 
 LARGE_BYTES = 1 << 20
+LARGE_TEXT = 20_000  # characters in a request beyond which its tokens are counted off the event loop
 
 
 class EmbeddingRequest(BaseModel):
@@ -43,15 +46,19 @@ class EmbeddingRequest(BaseModel):
 def create_app(embedder: Any, settings: ServeSettings | None = None) -> FastAPI:
     """The server app around an embedder (anything with ``encode`` and ``dim``, used by one thread)."""
     settings = settings or ServeSettings()
-    batcher = DynamicBatcher(embedder, settings.max_batch_size, settings.max_wait_ms, settings.max_queued_items)
+    batcher = DynamicBatcher(embedder, settings.max_batch_size, settings.max_wait_ms, settings.max_queued_items,
+                             settings.max_batch_tokens)
     policy = SourcePolicy(local_root=_checked_root(settings.allow_local_root))
+    backbone = getattr(embedder, "backbone", None)  # None: an embedder that cannot count tokens
+    if settings.max_input_tokens is None and backbone is not None:
+        settings.max_input_tokens = backbone.config.text_config.max_position_embeddings
     started = time.time()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
         if settings.allow_urls:
-            policy.fetcher = UrlFetcher(settings.max_body_bytes, settings.url_timeout_s)
+            policy.fetcher = UrlFetcher(settings.max_body_bytes, settings.url_timeout_s, settings.allow_private_urls)
         try:
             yield
         finally:  # uvicorn has let in-flight requests finish; anything still queued is served too
@@ -90,8 +97,8 @@ def create_app(embedder: Any, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)])
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model",
-                                            "created": int(started), "owned_by": "mmemb"}]}
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": int(started),
+                                            "owned_by": "mmemb", "max_model_len": settings.max_input_tokens}]}
 
     @app.post("/v1/embeddings", dependencies=[Depends(check_api_key)])
     async def embeddings(request: Request) -> Response:
@@ -100,26 +107,50 @@ def create_app(embedder: Any, settings: ServeSettings | None = None) -> FastAPI:
             req = await _off_loop_if_large(len(body), EmbeddingRequest.model_validate_json, body)
         except ValidationError as e:
             raise APIError(400, _validation_message(e)) from None
-        if req.model is not None and req.model != settings.model_name:
+        if req.model is not None and req.model not in settings.accepted_names:
+            also = ", ".join(map(repr, settings.aliases)) or "none"
             raise APIError(404, f"model {req.model!r} is not served here; this server serves "
-                                f"{settings.model_name!r}", "model", "model_not_found")
-        if req.dimensions is not None and req.dimensions != embedder.dim:
-            raise APIError(400, f"this model's embeddings have {embedder.dim} dimensions, not {req.dimensions}",
-                           "dimensions")
+                                f"{settings.model_name!r} (also accepted: {also})", "model", "model_not_found")
+        if req.dimensions is not None and not 1 <= req.dimensions <= embedder.dim:
+            raise APIError(400, f"dimensions must be between 1 and {embedder.dim} (this model's embeddings), "
+                                f"not {req.dimensions}", "dimensions")
         try:
             res = await asyncio.wait_for(_embed(req), settings.request_timeout_s)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError:  # the request's items still queued are withdrawn
             raise APIError(504, f"the request took longer than {settings.request_timeout_s:g}s") from None
+        if req.dimensions is not None and req.dimensions < embedder.dim:  # Matryoshka: truncate, re-normalise
+            res.embeddings = finish_vectors(res.embeddings, req.dimensions)
         content = await _off_loop_if_large(res.embeddings.nbytes, _response_json, req, res, settings.model_name)
         return Response(content, media_type="application/json")
+
+    def prepare(items: list[Item]) -> list[int] | None:
+        """Check the texts, decode the images (over the pixel limit or corrupt: 400) and count each
+        item's tokens (an item the processor refuses: 400)."""
+        try:
+            for i, item in enumerate(items):
+                check_text(item)
+            if any(item.has_visual for item in items):
+                load_images(items, settings.max_image_pixels)
+            return count_tokens(backbone, items) if backbone is not None else None
+        except ItemError as e:
+            where = f"input[{i if e.index is None else e.index}]"
+            raise APIError(400, f"{where}: {e.reason}", where) from None
 
     async def _embed(req: EmbeddingRequest) -> Encoded:
         items = parse_input(req.input, req.instruction, settings.max_items)
         await resolve_sources(items, policy)
-        if any(item.has_visual for item in items):
-            await asyncio.to_thread(load_images, items, settings.max_image_pixels)
+        text = sum(len(item.text or "") for item in items)
+        if text > LARGE_TEXT or any(item.has_visual for item in items):
+            tokens = await asyncio.to_thread(prepare, items)
+        else:
+            tokens = prepare(items)
+        limit = settings.max_input_tokens
+        for i, n in enumerate(tokens or []):
+            if limit is not None and n > limit:  # refused before any model work
+                raise APIError(400, f"input[{i}]: {n} tokens exceed this server's limit of {limit} tokens per "
+                                    "input (--max-input-tokens)", f"input[{i}]", "context_length_exceeded")
         try:
-            res = await batcher.submit(items, mode=REASONING_MODES[req.reasoning],
+            res = await batcher.submit(items, tokens, mode=REASONING_MODES[req.reasoning],
                                        think_threshold=settings.think_threshold,
                                        max_reasoning_tokens=settings.max_reasoning_tokens)
         except BatcherFull as e:

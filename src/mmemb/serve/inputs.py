@@ -3,16 +3,19 @@
 ``input`` is a string, or a list whose entries are strings or multimodal items
 ``{"text", "image", "images", "video", "instruction"}``. Images are data URLs; files and http(s)
 URLs are refused unless the server allows them (files only inside one root folder, after
-resolving symlinks and ``..``). Every error names the item (``input[i]``).
+resolving symlinks and ``..``; URLs only to public addresses unless private ones are allowed too).
+Every error names the item (``input[i]``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import httpx
 
@@ -137,11 +140,18 @@ def _local_path(i: int, src: str, root: Path | None) -> str:
 
 
 class UrlFetcher:
-    """Downloads images over http(s) with a size cap and a timeout."""
+    """Downloads images over http(s) with a size cap and a timeout, from public addresses only
+    unless ``allow_private`` (see :class:`PublicAddressesOnly`)."""
 
-    def __init__(self, max_bytes: int, timeout_s: float):
+    def __init__(self, max_bytes: int, timeout_s: float, allow_private: bool = False,
+                 resolve: "Callable[[str, int], Awaitable[list[str]]] | None" = None):
         self.max_bytes = max_bytes
-        self.client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=True, max_redirects=3)
+        transport = httpx.AsyncHTTPTransport()
+        if not allow_private:
+            transport = PublicAddressesOnly(transport, resolve or resolve_host)
+        # trust_env=False: a proxy from the environment would connect on the server's behalf, unchecked.
+        self.client = httpx.AsyncClient(transport=transport, timeout=timeout_s, follow_redirects=True,
+                                        max_redirects=3, trust_env=False)
 
     async def fetch(self, url: str) -> bytes:
         async with self.client.stream("GET", url) as r:
@@ -158,3 +168,53 @@ class UrlFetcher:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+class PublicAddressesOnly(httpx.AsyncBaseTransport):
+    """A transport that connects only to public addresses (against server-side request forgery).
+
+    Every request passes here, each redirect hop included: its host is resolved, refused if any
+    address it resolves to is loopback, private, link-local, shared, multicast or reserved, and the
+    connection goes to the address that was checked (TLS still verifies the host name), so a second
+    DNS answer cannot point it elsewhere.
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, resolve: Callable[[str, int], Awaitable[list[str]]]):
+        self.inner, self.resolve = inner, resolve
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            addresses = await self.resolve(url.host, port)
+        except OSError as e:
+            raise ImageError(f"cannot resolve {url.host}: {e.strerror or e}") from None
+        for address in addresses:
+            kind = address_kind(address)
+            if kind is not None:
+                raise ImageError(f"{url.host} resolves to {address}, a {kind} address: refused (start the "
+                                 "server with --allow-private-urls to allow private addresses)")
+        request.url = url.copy_with(host=addresses[0])  # the Host header keeps the name
+        if url.scheme == "https":
+            request.extensions = {**request.extensions, "sni_hostname": url.host}
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def address_kind(address: str) -> str | None:
+    """Why an address is not public ("loopback", "private", ...), or None for a public address."""
+    ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 zone ("%eth0") is not part of the address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for kind in ("loopback", "link_local", "private", "multicast", "unspecified", "reserved"):
+        if getattr(ip, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return None if ip.is_global else "non-public"

@@ -73,7 +73,11 @@ def export_model(accelerator: Any, model: Any, backbone: Any, cfg: TrainConfig, 
     kwargs = {}
     if state is not None:  # keys of the Encoder wrapper -> keys of backbone.model
         prefix = "backbone.model."
-        kwargs["state_dict"] = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        # the gathered copies of tied weights (lm_head = embed_tokens) no longer share storage, so
+        # save_pretrained would keep both: keep the names the module itself lists once
+        own = {n for n, _ in backbone.model.named_parameters()} | {n for n, _ in backbone.model.named_buffers()}
+        kwargs["state_dict"] = {k[len(prefix):]: v for k, v in state.items()
+                                if k.startswith(prefix) and k[len(prefix):] in own}
     if cfg.save_format != "merged":
         backbone.save_pretrained(out, **kwargs)
         return

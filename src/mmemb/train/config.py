@@ -58,6 +58,9 @@ class LossConfig:
     lm: float = 1.0  # alpha: next-token loss on the rationale tokens and </think>
     direct_nce: float = 1.0  # beta: InfoNCE of the direct query embedding (every pair)
     decision: float = 1.0  # gamma: <think> vs <emb> at the first assistant token (labelled pairs)
+    # Matryoshka: embedding sizes (smaller than the model's) trained to work alone as well: each adds
+    # both NCE terms on the first d dimensions, re-normalised, with the same weights. [] = off.
+    matryoshka_dims: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +137,8 @@ class TrainConfig:
             raise ConfigError("loss.temperature must be > 0")
         weights = dataclasses.asdict(self.loss)
         weights.pop("temperature")
+        if any(d < 1 for d in weights.pop("matryoshka_dims")):
+            raise ConfigError(f"loss.matryoshka_dims must be positive sizes, not {self.loss.matryoshka_dims}")
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise ConfigError(f"loss weights must be >= 0 and at least one > 0, got {weights}")
         for d in self.datasets:
@@ -220,8 +225,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return int(value)
         if base is str:
             return str(value)
-        if typing.get_origin(base) is list:
-            return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        if typing.get_origin(base) is list:  # each entry as the list's item type
+            item = (typing.get_args(base) or (str,))[0]
+            return [_coerce(v, item, key) for v in (value if isinstance(value, (list, tuple)) else [value])]
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: {value!r} is not a valid {getattr(base, '__name__', base)}") from None
     return value

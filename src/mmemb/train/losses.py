@@ -70,6 +70,11 @@ def target_masks(query_pair: torch.Tensor, pair_query_key: torch.Tensor, pair_po
     return positive, first
 
 
+def first_dims(x: torch.Tensor, d: int) -> torch.Tensor:
+    """The first ``d`` dimensions of each row, L2-normalised (a Matryoshka sub-embedding)."""
+    return F.normalize(x[:, :d], dim=-1)
+
+
 # ---- cross-process gathering --------------------------------------------------------------------
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -171,6 +176,9 @@ class JointObjective:
         targets, target_key = all_emb[is_target], key[is_target]
         total = emb.sum() * 0.0  # keeps the graph when every term is off
         terms: dict[str, float] = {}
+        for d in self.w.matryoshka_dims:
+            if d >= emb.shape[1]:
+                raise ValueError(f"loss.matryoshka_dims: {d} is not smaller than the embedding size {emb.shape[1]}")
         for name, k, weight in (("nce_direct", DIRECT_QUERY, self.w.direct_nce),
                                 ("nce_reason", REASON_QUERY, self.w.reason_nce)):
             is_q = kind == k
@@ -181,6 +189,12 @@ class JointObjective:
             total = total + weight * loss
             terms[name] = float(loss.detach())
             terms["acc_" + name.split("_")[1]] = float(correct.float().mean())
+            for d in self.w.matryoshka_dims:  # the same term on the first d dimensions, re-normalised
+                loss_d, _ = info_nce(first_dims(all_emb[is_q], d), first_dims(targets, d), positive, counted,
+                                     self.w.temperature)
+                total = total + weight * loss_d
+                terms[f"{name}@{d}"] = float(loss_d.detach())
+                terms["nce_matryoshka"] = terms.get("nce_matryoshka", 0.0) + weight * float(loss_d.detach())
         return ContrastiveResult(loss=total * world, terms=terms, norms=norms)
 
     def per_example(self, target_logprobs: torch.Tensor, decision_logits: torch.Tensor,

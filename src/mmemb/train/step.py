@@ -11,6 +11,13 @@ then forward each chunk again with gradients and backpropagate ``<embedding, cac
 plus the chunk's own per-example terms (LM, decision). The RNG state of each chunk's first pass
 is restored for its second, so dropout masks match. Gradients are synchronised across processes
 only in the last chunk's backward.
+
+Under FSDP and DeepSpeed ZeRO all processes must touch the same parameters in each pass: FSDP
+gathers a sharded module's weights from every process when it runs, ZeRO reduces gradients in
+buckets filled as they appear in the backward. So each step has as many forwards on every process,
+and in each forward the vision tower runs for images (and for video) on every process or on none:
+a process whose chunk lacks what another's has gets a blank dummy image (or video) row, with zero
+loss but in the graph. (DDP needs none of this: it is told to look for unused parameters.)
 """
 
 from __future__ import annotations
@@ -114,7 +121,8 @@ class TrainStep:
                  chunk_size: int = 0):
         self.accelerator, self.model, self.backbone = accelerator, model, backbone
         self.objective, self.chunk_size = objective, chunk_size
-        self._dummy: Side | None = None
+        self._dummies: dict[str, Side] = {}
+        self._same_calls = _needs_same_calls(accelerator)
         image_processor = backbone.processor.image_processor
         self._pixels_per_token = (image_processor.patch_size * image_processor.merge_size) ** 2
 
@@ -172,8 +180,19 @@ class TrainStep:
         for group, n in zip(plan.groups, counts):
             order = np.argsort([self._length(r) for r in group], kind="stable")  # similar lengths pad less
             for part in np.array_split(order, n) if n else []:
-                out.append([group[i] for i in part] or [self._dummy_row()])
+                out.append([group[i] for i in part] or [self._dummy_row("text")])
+        if self._same_calls:
+            self._same_vision_calls(out)
         return out
+
+    def _same_vision_calls(self, chunks: list[list[Row]]) -> None:
+        """Where another process's chunk has images (video) and this one's has none, add a dummy row with them."""
+        has = [[any(r.side.visuals[0] for r in c), any(r.side.visuals[1] for r in c)] for c in chunks]
+        wanted = max_across(torch.tensor(has, dtype=torch.long, device=self.backbone.device)).tolist()
+        for chunk, mine, needed in zip(chunks, has, wanted):
+            for kind, own, need in zip(("image", "video"), mine, needed):
+                if need and not own:
+                    chunk.append(self._dummy_row(kind))
 
     def _length(self, row: Row) -> float:
         """Rough token count of a row (prompt characters / 3 + vision tokens), to sort rows by length."""
@@ -204,11 +223,17 @@ class TrainStep:
             return contextlib.nullcontext()
         return _no_sync(self.accelerator, self.model)
 
-    def _dummy_row(self) -> Row:
-        if self._dummy is None:
-            item = Item(text=".")
-            self._dummy = Side(render_prompt(self.backbone.processor, item), ([], None), 0)
-        return Row(self._dummy, None, DUMMY)
+    def _dummy_row(self, kind: str) -> Row:
+        """A row whose loss is zero: text only, or with a blank image, or a blank 2-frame video."""
+        if kind not in self._dummies:
+            from PIL import Image
+
+            blank = Image.new("RGB", (32, 32))
+            item = {"text": Item(text="."), "image": Item(text=".", images=[blank]),
+                    "video": Item(text=".", video=[blank, blank])}[kind]
+            visuals = (list(item.images), list(item.video) if item.video else None)
+            self._dummies[kind] = Side(render_prompt(self.backbone.processor, item), visuals, 0)
+        return Row(self._dummies[kind], None, DUMMY)
 
     def _stats(self, con: ContrastiveResult, sums: torch.Tensor, batch: LocalBatch) -> StepStats:
         terms, norms = dict(con.terms), con.norms
@@ -221,9 +246,17 @@ class TrainStep:
         if norms["decisions"]:
             terms["decision"] = ce / norms["decisions"]
             terms["acc_decision"] = correct / norms["decisions"]
-        terms["loss"] = (w.reason_nce * terms.get("nce_reason", 0.0) + w.direct_nce * terms.get("nce_direct", 0.0)
+        terms["loss"] = (terms.get("nce_matryoshka", 0.0)  # already weighted
+                         + w.reason_nce * terms.get("nce_reason", 0.0) + w.direct_nce * terms.get("nce_direct", 0.0)
                          + w.lm * terms.get("lm", 0.0) + w.decision * terms.get("decision", 0.0))
         return StepStats(terms=terms, pairs=norms["pairs"], skipped=int(skipped))
+
+
+def _needs_same_calls(accelerator: Any) -> bool:
+    """Whether every process must run the same modules in each pass (FSDP, DeepSpeed ZeRO; see above)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def _long_tensor(values: list[int], device) -> torch.Tensor:

@@ -29,7 +29,7 @@ from .checkpoint import (
     shared_atomic_dir,
     trainable_weights_only,
 )
-from .config import TrainConfig, load_config
+from .config import ConfigError, TrainConfig, load_config
 from .data import BatchPlan, StepLoader, local_batches, open_sources
 from .feedback import TrainLog, plot_losses
 from .losses import JointObjective
@@ -178,10 +178,28 @@ def build_accelerator(cfg: TrainConfig):
     # cpu=True where there is no GPU: N launched processes then form a gloo group (MULTI_CPU).
     accelerator = Accelerator(mixed_precision="bf16" if _use_bf16(cfg) else "no", step_scheduler_with_optimizer=False,
                               kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+    _check_engine(accelerator)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:  # no dataloader goes through prepare(): DeepSpeed needs the per-GPU batch stated
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(1, cfg.batch_size // accelerator.num_processes)
     return accelerator
+
+
+def _check_engine(accelerator) -> None:
+    """Refuse to train when the accelerate config asks for FSDP or DeepSpeed and accelerate runs something else.
+
+    accelerate turns them on only where its processes drive accelerators: on CPU processes it
+    ignores the request and runs plain data parallelism, which would silently hold the whole model
+    on each process.
+    """
+    import os
+
+    for engine, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(flag, "false").lower() == "true" and accelerator.distributed_type.name != engine:
+            raise ConfigError(f"the accelerate config asks for {engine}, but accelerate runs "
+                              f"{accelerator.distributed_type.name} here: it enables {engine} only on GPUs (and "
+                              "other accelerators), not on CPU processes. Run on GPUs, or leave out the "
+                              "accelerate config to train with plain data parallelism.")
 
 
 def _use_bf16(cfg: TrainConfig) -> bool:
