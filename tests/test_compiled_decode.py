@@ -86,3 +86,27 @@ def test_local_teacher_compiled_equals_eager(tiny_path, minimmeb_small):
             LocalTeacher(tiny_path, temperature=0.0, max_tokens=8, compile=flag).generate(pairs, 2)]
            for flag in (True, False)]
     assert got[0] == got[1] and all(tokens > 0 for cands in got[0] for _, tokens in cands)
+
+
+def test_many_model_layouts_in_one_process(monkeypatch, tiny_path, mixed_items):
+    """A process that decodes with more model layouts than dynamo's default recompile limit (an
+    evaluation of a dozen systems; this suite) still compiles; past the raised limit it decodes
+    eagerly with a warning instead of failing."""
+    import torch._dynamo.config as dynamo_config
+
+    from mmemb.model import static_decoder
+
+    static_decoder.compiled_step()
+    assert dynamo_config.recompile_limit >= static_decoder.RECOMPILE_LIMIT
+
+    def limit_hit(*args, **kwargs):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+
+    reference = Embedder.from_pretrained(tiny_path, compile=False)
+    expected = reference.encode(mixed_items, mode="reason", max_reasoning_tokens=6)
+    monkeypatch.setattr(static_decoder, "compiled_step", lambda: limit_hit)
+    e = Embedder(reference.backbone, compile=True)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly .* torch.compile failed"):
+        got = e.encode(mixed_items, mode="reason", max_reasoning_tokens=6)
+    assert e.reasoner.compile is False
+    assert_same(got, expected)

@@ -38,10 +38,19 @@ SPAN_STEP_CPU = 32  # on a CPU, attention reads the filled slots rounded up to t
 _compiled_step = None
 
 
+# Graphs are cached per code object, and every model layout a process decodes with (architecture,
+# LoRA or not, a peft adapter switched off for GRPO's reference) adds one: an evaluation of a dozen
+# systems, or the test suite, passes dynamo's default limit of 8, past which a fullgraph compile fails.
+RECOMPILE_LIMIT = 64
+
+
 def compiled_step():
     """The decoding step compiled once per process (graphs are cached per code object anyway)."""
     global _compiled_step
     if _compiled_step is None:
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         _compiled_step = torch.compile(decode_step, fullgraph=True, options={"size_asserts": False})
     return _compiled_step
 
@@ -176,7 +185,7 @@ class StaticDecoder:
     def _call(self, ws: Workspace, limits: Limits, rule: StopRule, span: torch.Tensor) -> None:
         try:
             compiled_step()(self.model, ws.cache, ws.state, rule, limits, span)
-        except torch._dynamo.exc.TorchDynamoException as e:
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
             raise CompileUnavailable("torch.compile failed: " + " ".join(str(e).split())[:300]) from e
 
     def _step(self, ws: Workspace, limits: Limits, rule: StopRule, graph_key: tuple, span: int) -> None:
