@@ -69,7 +69,9 @@ class PipelineConfig:
     warmup: dict[str, Any] = field(default_factory=lambda: {
         "max_steps": 100, "lr": 2.0e-4, "warmup_steps": 10,
         "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 0.0}})
-    select: dict[str, Any] = field(default_factory=lambda: {"margin": 0.5, "sampled_negatives": 16})
+    # Scored by the pretrained model (scorer: start): the warm-up model, trained on every candidate,
+    # learns to discount what a rationale says and keeps too few faithful ones (README, Results).
+    select: dict[str, Any] = field(default_factory=lambda: {"margin": 1.0, "sampled_negatives": 16, "scorer": "start"})
     joint: dict[str, Any] = field(default_factory=lambda: {
         "max_steps": 600, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 1.0}})
     # The "blind reasoning" ablation: joint training on all candidates, no selection (off in the demo).
