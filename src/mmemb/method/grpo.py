@@ -68,7 +68,7 @@ class RLConfig:
     # often wrong, which made reasoning look worse than the greedy reasoning inference does.
     temperature: float = 0.0
     max_reasoning_tokens: int = 64
-    compile: bool = True  # rollouts decode with the compiled step (False: the eager loop)
+    compile: bool | None = None  # rollouts decode with the compiled step (False: eager; None: $MMEMB_COMPILE)
     reward: str = "mrr"  # mrr (reciprocal rank of the positive) | logprob (log p of the positive)
     reward_temperature: float = 0.02  # for the logprob reward and the direct NCE term
     one_task_per_step: bool = True  # each step's queries from one dataset: targets as hard as evaluation's
