@@ -10,6 +10,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Reasoning decodes eagerly unless a test asks for the compiled step (compile=True): a cold compile
+# costs ~40 s per model layout on 2 cores, and the suite builds dozens of layouts. The compiled
+# step's own tests (test_compiled_decode.py) compare it with the eager loop on every family.
+os.environ.setdefault("MMEMB_COMPILE", "0")
 
 ARCHES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 

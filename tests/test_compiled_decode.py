@@ -28,8 +28,8 @@ def assert_same(compiled, eager) -> None:
 def test_compiled_equals_eager_every_arch(embedders, mixed_items, arch):
     """Reason, auto (a mixed batch) and a sentence budget, pooled over batches of 2: Qwen2-VL's and
     Qwen2.5-VL's sectioned rotary and biases, Qwen3-VL's interleaved rotary and q/k norms."""
-    compiled = embedders[arch]
-    eager = Embedder(compiled.backbone, compile=False)
+    eager = embedders[arch]
+    compiled = Embedder(eager.backbone, compile=True)
     thr = float(np.median(eager.encode(mixed_items).p_think)) + 1e-7
     for kwargs in ({"mode": "reason", "max_reasoning_tokens": 10},
                    {"mode": "auto", "think_threshold": thr, "max_reasoning_tokens": 10, "batch_size": 2},
@@ -39,7 +39,7 @@ def test_compiled_equals_eager_every_arch(embedders, mixed_items, arch):
 
 
 def test_another_batch_composition_does_not_recompile(embedders, mixed_items):
-    e = embedders["qwen3_vl"]
+    e = Embedder(embedders["qwen3_vl"].backbone, compile=True)
     e.encode(mixed_items, mode="reason", max_reasoning_tokens=6)
     graphs = counters["stats"]["unique_graphs"]
     # other batch sizes (5, 3, 1 rows), prompt lengths and budgets (other length buckets), sampling
@@ -70,6 +70,17 @@ def test_rollouts_compiled_equal_eager(embedders, mixed_items):
     assert runs[0].rationale_ids == runs[1].rationale_ids
     assert runs[0].closed.tolist() == runs[1].closed.tolist()
     torch.testing.assert_close(runs[0].embeddings, runs[1].embeddings, atol=1e-4, rtol=0)
+
+
+def test_default_follows_mmemb_compile(monkeypatch, embedders):
+    from mmemb.model.generation import compile_by_default
+
+    bb = embedders["qwen3_vl"].backbone
+    monkeypatch.setenv("MMEMB_COMPILE", "0")
+    assert not compile_by_default() and Reasoner(bb).compile is False and Embedder(bb).reasoner.compile is False
+    assert Reasoner(bb, compile=True).compile  # an explicit choice wins
+    monkeypatch.delenv("MMEMB_COMPILE")
+    assert compile_by_default() and Reasoner(bb).compile and Embedder(bb).reasoner.compile
 
 
 def test_buckets():

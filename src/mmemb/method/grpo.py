@@ -72,7 +72,7 @@ class RLConfig:
     # often wrong, which made reasoning look worse than the greedy reasoning inference does.
     temperature: float = 0.0
     max_reasoning_tokens: int = 64
-    compile: bool = True  # rollouts decode with the compiled step (False: the eager loop)
+    compile: bool | None = None  # rollouts decode with the compiled step (False: eager; None: $MMEMB_COMPILE)
     reward: str = "mrr"  # mrr (reciprocal rank of the positive) | logprob (log p of the positive) | delta (the paper's)
     # Learned depth: a reasoning completion may also close its rationale after any of its sentences,
     # with the policy's own p(</think>) there (rollout.choose_depths); the cost term prices each depth.

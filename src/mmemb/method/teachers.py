@@ -120,7 +120,7 @@ class LocalTeacher:
     and the tokens come from the compiled decoding step (``compile=False``: the eager loop)."""
 
     def __init__(self, path: str, temperature: float = 0.8, max_tokens: int = 96, seed: int = 0,
-                 device: str = "cpu", batch_size: int = 8, compile: bool = True):
+                 device: str = "cpu", batch_size: int = 8, compile: bool | None = None):
         from ..model.backbone import load_backbone
         from ..model.generation import Reasoner
 

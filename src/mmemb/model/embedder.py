@@ -74,14 +74,15 @@ class Embedder:
 
     ``protocol`` is the embedding convention (:mod:`mmemb.model.protocols`): mmemb's own, or a
     peer's (``vlm2vec``, ``qwen3-vl-embedding``, ``ume-r1``) to evaluate its released checkpoint.
-    ``compile``: reasoning decodes with the compiled step (False: the eager loop).
+    ``compile``: reasoning decodes with the compiled step (False: the eager loop; None: as
+    ``$MMEMB_COMPILE`` says, on by default).
     ``engine``: what writes rationales, "hf" (this model) or "vllm" (a vLLM engine over the same
     checkpoint; the embedding still comes from this model), checked here: a missing vLLM or GPU
     fails now, not at the first request.
     """
 
     def __init__(self, backbone: Backbone, gate: Any = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 protocol: str | Protocol = "mmemb", compile: bool = True, engine: str = "hf"):
+                 protocol: str | Protocol = "mmemb", compile: bool | None = None, engine: str = "hf"):
         check_engine(engine)
         self.backbone = backbone
         self.gate = gate
@@ -106,7 +107,7 @@ class Embedder:
         from .backbone import tokenizer_folder
 
         max_image_pixels = opts.pop("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
-        compile = opts.pop("compile", True)
+        compile = opts.pop("compile", None)
         engine = opts.pop("engine", "hf")
         check_engine(engine)
         if engine == "vllm":

@@ -17,6 +17,7 @@ The same loops write plain text for teachers (``text=True``): a stop token ends 
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -35,16 +36,24 @@ class ReasoningResult:
     closed_by_model: list[bool]  # False where the budget forced </think>
 
 
+
+def compile_by_default() -> bool:
+    """Whether reasoning decodes with the compiled step when the caller does not say:
+    ``MMEMB_COMPILE=0`` makes the eager loop the default everywhere (where no C++ compiler is at
+    hand, or where a short-lived process would spend longer compiling than decoding)."""
+    return os.environ.get("MMEMB_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+
 class Reasoner:
     """Decodes rationales for a batch whose cache already holds prompt (+ <think>).
 
     ``compile``: run the compiled step on a static cache (see the module docstring); False runs
-    the eager loop. Where compilation fails, the eager loop runs instead, with one warning.
+    the eager loop; None (the default) follows ``$MMEMB_COMPILE`` (on unless it is 0). Where
+    compilation fails, the eager loop runs instead, with one warning.
     """
 
-    def __init__(self, backbone: Backbone, compile: bool = True):
+    def __init__(self, backbone: Backbone, compile: bool | None = None):
         self.backbone = backbone
-        self.compile = compile
+        self.compile = compile_by_default() if compile is None else compile
         self._static = None
         ids = backbone.ids
         vocab = backbone.lm_head.weight.shape[0]
