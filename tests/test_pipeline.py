@@ -169,3 +169,25 @@ def test_seeds_option_and_ablation_names_are_checked():
         parse_seeds("a-b")
     with pytest.raises(ConfigError, match="unknown ablation"):
         load_pipeline_config(None, ["ablations.no_gate=true"])
+
+
+def test_switches_rerun_the_stages_they_change(tmp_path, monkeypatch):
+    """A stage's marker records the switches it ran under: turning an ablation on in a finished run
+    makes the ablation, blind, eval and report stages run again (each resumes what it has), and
+    nothing else."""
+    from mmemb.pipeline.layout import Run
+    from mmemb.pipeline.run import _run_stage, is_done
+    from mmemb.pipeline.stages import STAGES
+
+    plain = load_pipeline_config(None, [], out=str(tmp_path / "run"))
+    run = Run(plain)
+    ran = []
+    for stage in ORDER:
+        monkeypatch.setitem(STAGES, stage, lambda r, s=stage: ran.append(s))  # markers without the work
+        _run_stage(run, stage)
+    assert ran == ORDER and all(is_done(run, s) for s in ORDER)
+    with_gate = Run(load_pipeline_config(None, ["ablations.gate_alone=true"], out=str(tmp_path / "run")))
+    assert [s for s in ORDER if not is_done(with_gate, s)] == ["ablations", "eval", "report"]
+    blind = Run(load_pipeline_config(None, ["blind.enabled=true"], out=str(tmp_path / "run")))
+    assert [s for s in ORDER if not is_done(blind, s)] == ["blind", "eval", "report"]
+    assert all(is_done(Run(plain), s) for s in ORDER)  # the same switches: nothing to redo

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..data.pairs import read_pairs
 from ..fileio import write_json
@@ -158,6 +158,8 @@ def stage_blind(run: Run) -> None:
 
     if not (run.cfg.blind.get("enabled") or run.cfg.ablations.get("no_selection")):
         return
+    if (run.model("blind") / "config.json").is_file():
+        return  # trained under an earlier switch (see SCOPES)
     pairs = candidate_pairs(run.subset(), load_rationales(run.root / "rationales.jsonl"), run.cfg.seed + 1)
     steps = run.cfg.stage_train("joint")["max_steps"]
     train_stage(run, "blind", run.model("warmup"), run.write_pairs("blind", pairs), extra={"max_steps": steps})
@@ -316,6 +318,15 @@ STAGES: dict[str, Callable[[Run], None]] = {
     "rationales": stage_rationales, "warmup": stage_warmup, "select": stage_select, "joint": stage_joint,
     "blind": stage_blind, "rl": stage_rl, "gate": stage_gate, "ablations": stage_ablations, "baseline": stage_baseline,
     "eval": stage_eval, "timing": stage_timing, "report": stage_report,
+}
+
+# The switches a stage's work depends on, recorded in its marker: where they differ from the run's
+# (an ablation turned on), the stage runs again; each of these skips or resumes the work it has.
+SCOPES: dict[str, Callable[[Run], Any]] = {
+    "blind": lambda run: bool(run.cfg.blind.get("enabled") or run.cfg.ablations.get("no_selection")),
+    "ablations": lambda run: sorted(name for name, on in run.cfg.ablations.items() if on),
+    "eval": lambda run: sorted(systems(run)),
+    "report": lambda run: sorted(systems(run)),
 }
 
 # What each stage reads from earlier stages: --force STAGE redoes it and everything that depends on it.
