@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +43,6 @@ def mixed_items(n: int = 64, seed: int = 0):
 
 def median_times(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each function, run interleaved (A B C A B C ...) so drift hits all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    from mmemb.eval.timing import interleaved_times
+
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats, warmup).items()}

@@ -67,3 +67,20 @@ def test_unscaled_advantages_keep_the_gap():
     unscaled = group_advantages(rewards, 4, scale=False)
     assert scaled[3].item() == pytest.approx(scaled[7].item(), rel=1e-2)  # the std makes both pushes equal
     assert unscaled[3].item() == pytest.approx(-0.075) and unscaled[7].item() == pytest.approx(-0.675)
+
+
+def test_delta_reward_is_the_utility_gap_of_the_chosen_action():
+    """The paper's reward: s(completion) - s(the query's direct embedding), s = log p(positive). A direct
+    completion gets 0; centred per group it gives the log-probability reward's advantages exactly."""
+    from mmemb.method.grpo import retrieval_reward
+
+    targets = torch.nn.functional.normalize(torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]]), dim=1)
+    positive = torch.tensor([[False, True, False]] * 4)
+    direct = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0]]), dim=1).expand(4, 2)
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.4], [0.5, 0.5], [1.0, 0.0]]), dim=1)
+    delta = retrieval_reward(emb, targets, positive, "delta", 0.1, direct=direct)
+    logprob = retrieval_reward(emb, targets, positive, "logprob", 0.1)
+    assert delta[0].item() == 0.0 and delta[2].item() > delta[1].item() > 0  # closer to the positive: a larger gap
+    torch.testing.assert_close(group_advantages(delta, 4, scale=False), group_advantages(logprob, 4, scale=False))
+    with pytest.raises(ValueError, match="direct embedding"):
+        retrieval_reward(emb, targets, positive, "delta", 0.1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -59,6 +60,8 @@ def test_selection_with_and_without_prompt_reuse_agree(minimmeb_small, tmp_path,
         assert ra["s_direct"] == pytest.approx(rb["s_direct"], abs=1e-3)
         for ca, cb in zip(ra["candidates"], rb["candidates"]):
             assert ca["delta"] == pytest.approx(cb["delta"], abs=1e-3)
+            # the probability gain is the same comparison on the other scale
+            assert ca["gain"] == pytest.approx(math.exp(ra["s_direct"] + ca["delta"]) - math.exp(ra["s_direct"]), abs=1e-6)
         best = max(ra["candidates"], key=lambda c: c["delta"])
         assert ra["label"] == ("reason" if best["delta"] > 0 else "direct")
         assert ra["rationale"] == (best["text"] if ra["label"] == "reason" else None)
@@ -71,3 +74,18 @@ def test_selection_with_and_without_prompt_reuse_agree(minimmeb_small, tmp_path,
     assert set(shares) <= {"easy", "compositional"}
     assert all(0.0 <= v <= 1.0 for kind in shares.values() for v in kind.values())
     json.dumps(shares)
+
+
+def test_the_margin_applies_to_the_configured_utility():
+    """A rationale that lifts the positive from p = 0.01 to 0.03 gains 1.1 nats but 0.02 in probability;
+    one that lifts it from 0.7 to 1.0 gains 0.36 nats but 0.3: each scale keeps one and drops the other."""
+    from mmemb.method.selection import kept_counts, utility
+
+    tail = {"delta": math.log(3), "gain": 0.02}
+    top = {"delta": math.log(1 / 0.7), "gain": 0.3}
+    rows = [{"utility": u, "margin": m, "candidates": [tail, top]} for u, m in (("logprob", 0.5), ("prob", 0.1))]
+    assert utility({"margin": 0.5}, tail) == tail["delta"]  # rows written before the field: delta
+    kept = kept_counts(rows, lambda r, c: (r["utility"], c is top))
+    assert kept == {("logprob", False): [1, 1], ("logprob", True): [0, 1], ("prob", False): [0, 1], ("prob", True): [1, 1]}
+    with pytest.raises(ValueError, match="utility"):
+        select(None, [], {}, "unused.jsonl", SelectionConfig(utility="rank"))

@@ -561,7 +561,9 @@ def select(
     rationales: Path = typer.Option(..., help="rationales.jsonl from `mmemb rationales`."),
     out: Path = typer.Option(..., help="selection.jsonl (appended; pairs already there are skipped); "
                                        "selection.md and selection.png are written beside it."),
-    margin: float = typer.Option(0.5, help="Keep a rationale where delta = s(r) - s(none) exceeds this (nats)."),
+    margin: float = typer.Option(0.5, help="Keep a rationale where its utility exceeds this."),
+    utility: str = typer.Option("logprob", help="logprob: delta = s(r) - s(none) in nats; prob: the gain in the "
+                                                "positive's probability, p(t+ | q, r) - p(t+ | q)."),
     temperature: float = typer.Option(0.05, help="The contrastive temperature the model was trained with."),
     sampled_negatives: int = typer.Option(16, help="Other pairs' positives added to each candidate set."),
     no_prompt_reuse: bool = typer.Option(False, help="Prefill every (query, rationale) separately (to measure reuse)."),
@@ -575,7 +577,7 @@ def select(
     from .method.selection_report import write_selection_report
     from .model.embedder import Embedder
 
-    cfg = SelectionConfig(margin=margin, temperature=temperature, sampled_negatives=sampled_negatives,
+    cfg = SelectionConfig(margin=margin, utility=utility, temperature=temperature, sampled_negatives=sampled_negatives,
                           reuse_prompt=not no_prompt_reuse, seed=seed)
     stats = run_select(Embedder.from_pretrained(model), read_pairs(pairs), load_rationales(rationales), out, cfg)
     write_selection_report(out, out.with_suffix(""))
@@ -658,6 +660,11 @@ def pipeline(
 @app.command()
 def demo(
     seed: int = typer.Option(0, help="Seeds the benchmark, the models and every sample."),
+    seeds: Optional[str] = typer.Option(None, help="Several seeds (e.g. 0-4 or 0,2,5): one run each in OUT/s<seed> "
+                                                   "(OUT defaults to runs/seeds), then the table over them "
+                                                   "(mean ± std, each seed against the goals) in OUT/table.md."),
+    ablations: bool = typer.Option(False, "--ablations", help="Also run the paper's ablations (blind.enabled and every "
+                                                             "ablations.<name>) and report their table."),
     quick: bool = typer.Option(False, "--quick", help="Every stage on a small slice (well under 3 minutes): checks "
                                                       "the machinery, not the method."),
     out: Optional[str] = typer.Option(None, help="Run folder (default runs/demo, or runs/demo-quick with --quick)."),
@@ -666,18 +673,46 @@ def demo(
     """The whole method end to end on the embedded default (MiniMMEB + a tiny Qwen3-VL-class backbone):
     pretrain, warm-up, candidate rationales, counterfactual selection, joint training, GRPO, the plug-in
     gate, a direct-only baseline beside it, evaluation of four systems, and runs/demo/report.md."""
+    from .fileio import atomic_write_text, read_json
     from .pipeline import load_pipeline_config, run_pipeline
+    from .pipeline.config import ABLATIONS
+    from .pipeline.report import results_table, seeds_table
 
     start = time.perf_counter()
-    from .fileio import read_json
-    from .pipeline.report import results_table
+    switches = ["blind.enabled=true", *(f"ablations.{name}=true" for name in ABLATIONS)] if ablations else []
+    if seeds is None:
+        cfg = load_pipeline_config(None, switches, quick=quick, seed=seed,
+                                   out=out or ("runs/demo-quick" if quick else "runs/demo"))
+        run = run_pipeline(cfg, forced=force)
+        report = read_json(run.root / "report.json")
+        typer.echo(f"\nMiniMMEB test, seed {report['seed']} (the whole pipeline: {report['seconds'] / 60:.1f} min)\n")
+        typer.echo(results_table(report))
+        typer.echo(f"\nreport: {run.root / 'report.md'} (this invocation: {time.perf_counter() - start:.0f}s)")
+        return
+    root = Path(out or "runs/seeds")
+    reports = []
+    for s in parse_seeds(seeds):
+        typer.echo(f"[mmemb] seed {s}: {root / f's{s}'}")
+        run = run_pipeline(load_pipeline_config(None, switches, quick=quick, seed=s, out=str(root / f"s{s}")),
+                           forced=force)
+        reports.append(read_json(run.root / "report.json"))
+    table = seeds_table(reports)
+    atomic_write_text(root / "table.md", table + "\n")
+    typer.echo(f"\n{table}\n\ntable: {root / 'table.md'} (this invocation: {time.perf_counter() - start:.0f}s)")
 
-    cfg = load_pipeline_config(None, quick=quick, seed=seed, out=out or ("runs/demo-quick" if quick else "runs/demo"))
-    run = run_pipeline(cfg, forced=force)
-    report = read_json(run.root / "report.json")
-    typer.echo(f"\nMiniMMEB test, seed {report['seed']} (the whole pipeline: {report['seconds'] / 60:.1f} min)\n")
-    typer.echo(results_table(report))
-    typer.echo(f"\nreport: {run.root / 'report.md'} (this invocation: {time.perf_counter() - start:.0f}s)")
+
+def parse_seeds(spec: str) -> list[int]:
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,2,5' -> [0, 2, 5]; ranges and lists mix ('0-2,7')."""
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise typer.BadParameter(f"--seeds {spec!r}: give seeds as 0-4, 0,2,5 or 0-2,7") from None
+    if not out:
+        raise typer.BadParameter(f"--seeds {spec!r}: no seeds")
+    return out
 
 
 def main() -> None:

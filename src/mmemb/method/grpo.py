@@ -14,7 +14,11 @@ over the log-probability of the positive (``reward="logprob"``): both grade ever
 the log-probability punishes a confident mistake far more than it rewards a confident hit, so a
 hedging direct embedding can out-score reasoning that is right more often; the reciprocal rank
 moves with what evaluation counts (the top of the ranking), bounded in [0, 1], so the cost of
-reasoning is in the same units: reasoning must buy rank.
+reasoning is in the same units: reasoning must buy rank. ``reward="delta"`` is the paper's: the
+utility gap of the chosen action, s(completion) - s(the query's direct embedding) with s the
+log-probability of the positive (0 for a completion that does not reason). s(direct) is the same
+for every completion of a group, so once advantages are centred per group it moves the policy as
+``logprob`` does; only the logged reward differs.
 The update is GRPO (group-normalised advantages, clipped ratio, k3 KL to the frozen joint
 checkpoint), plus an optional direct-path InfoNCE term that keeps embeddings aligned while the
 policy moves.
@@ -42,7 +46,7 @@ from ..model.teacher_forcing import build_forced_batch, forced_forward
 from ..train.config import parse_override
 from ..train.losses import info_nce, target_masks
 from .grpo_objective import group_advantages, grpo_loss
-from .rollout import completion_logprobs, sample_groups
+from .rollout import choose_depths, completion_logprobs, sample_groups, with_close_targets
 
 
 @dataclass
@@ -69,7 +73,10 @@ class RLConfig:
     temperature: float = 0.0
     max_reasoning_tokens: int = 64
     compile: bool | None = None  # rollouts decode with the compiled step (False: eager; None: $MMEMB_COMPILE)
-    reward: str = "mrr"  # mrr (reciprocal rank of the positive) | logprob (log p of the positive)
+    reward: str = "mrr"  # mrr (reciprocal rank of the positive) | logprob (log p of the positive) | delta (the paper's)
+    # Learned depth: a reasoning completion may also close its rationale after any of its sentences,
+    # with the policy's own p(</think>) there (rollout.choose_depths); the cost term prices each depth.
+    depth: bool = False
     reward_temperature: float = 0.02  # for the logprob reward and the direct NCE term
     one_task_per_step: bool = True  # each step's queries from one dataset: targets as hard as evaluation's
     cost: float = 0.1  # lambda: reward lost by a completion that uses the whole budget
@@ -117,8 +124,8 @@ def run_rl(cfg: RLConfig, resume: bool = True, show_progress: bool = True) -> Pa
     pairs = [p for spec in cfg.data for p in read_pairs(spec)]
     if not pairs:
         raise ValueError("rl: no training pairs (check --data)")
-    if cfg.reward not in ("mrr", "logprob"):
-        raise ValueError(f"rl: reward must be mrr or logprob, not {cfg.reward!r}")
+    if cfg.reward not in REWARDS:
+        raise ValueError(f"rl: reward must be one of {', '.join(REWARDS)}, not {cfg.reward!r}")
     by_task: dict[str, list[Pair]] = {}
     for p in pairs:
         by_task.setdefault(p.dataset if cfg.one_task_per_step else "all", []).append(p)
@@ -162,8 +169,15 @@ def rl_step(policy: Backbone, reference: Backbone | None, reasoner: Reasoner, op
     visuals = [load_visuals(q) for q in queries]
     policy.eval()
     ro = sample_groups(policy, reasoner, queries, cfg.group_size, sampling, gen, prompts=prompts, visuals=visuals)
+    if cfg.depth:
+        ro = choose_depths(policy, reasoner, ro, prompts, visuals, gen)
     policy.train()
-    retrieval = retrieval_reward(ro.embeddings, targets, positive[ro.owners], cfg.reward, cfg.reward_temperature)
+    direct = None  # the queries' direct pass: the NCE term's input, s(direct) of the delta reward
+    if cfg.nce_weight > 0 or cfg.reward == "delta":
+        with torch.set_grad_enabled(cfg.nce_weight > 0):
+            direct = forced_forward(policy, policy, build_forced_batch(policy, prompts, visuals, [None] * len(queries)))
+    retrieval = retrieval_reward(ro.embeddings, targets, positive[ro.owners], cfg.reward, cfg.reward_temperature,
+                                 direct=None if direct is None else direct.embeddings.detach()[ro.owners])
     cost = cfg.cost * ro.reasoning_tokens / max(1, cfg.max_reasoning_tokens)
     malformed = (~ro.closed).float()
     rewards = retrieval - cost - cfg.malformed_penalty * malformed
@@ -171,6 +185,8 @@ def rl_step(policy: Backbone, reference: Backbone | None, reasoner: Reasoner, op
 
     owners = ro.owners.tolist()
     forced = build_forced_batch(policy, [prompts[o] for o in owners], [visuals[o] for o in owners], ro.rationale_ids)
+    if ro.stops is not None:  # the choices at sentence ends are the policy's, the tokens between greedy
+        forced = with_close_targets(forced, [[j for j, _ in row] for row in ro.stops], policy.ids.end_think)
     banned = reasoner.banned
     greedy = not cfg.temperature
     out = forced_forward(policy, policy, forced, banned=banned, temperature=cfg.temperature or 1.0)
@@ -182,7 +198,6 @@ def rl_step(policy: Backbone, reference: Backbone | None, reasoner: Reasoner, op
     loss = terms.loss
     nce = torch.zeros(())
     if cfg.nce_weight > 0:
-        direct = forced_forward(policy, policy, build_forced_batch(policy, prompts, visuals, [None] * len(queries)))
         counted = torch.ones(len(target_items), dtype=torch.bool)
         nce, _ = info_nce(direct.embeddings, targets, positive, counted, cfg.reward_temperature)
         loss = loss + cfg.nce_weight * nce
@@ -221,9 +236,18 @@ def _reference(policy: Backbone, reference: Backbone | None):
             yield policy
 
 
+REWARDS = ("mrr", "logprob", "delta")
+
+
 def retrieval_reward(emb: torch.Tensor, targets: torch.Tensor, positive: torch.Tensor, kind: str,
-                     temperature: float) -> torch.Tensor:
-    """Per completion: 1 / (rank of its best positive), or log p(positives) (see the module docstring)."""
+                     temperature: float, direct: torch.Tensor | None = None) -> torch.Tensor:
+    """Per completion: 1 / (rank of its best positive), log p(positives), or (``delta``) log p(positives)
+    minus that of ``direct``, its query's direct embedding (see the module docstring)."""
+    if kind == "delta":
+        if direct is None:
+            raise ValueError("the delta reward needs each completion's direct embedding")
+        return (retrieval_reward(emb, targets, positive, "logprob", temperature)
+                - retrieval_reward(direct, targets, positive, "logprob", temperature))
     scores = emb @ targets.T
     if kind == "logprob":
         logits = scores / temperature

@@ -8,13 +8,21 @@ For a pair (query q, positive t+) and each candidate rationale r:
 
 where p is the softmax of cosine similarities / temperature over the candidate set (positive,
 the pair's hard negatives, and positives of other pairs of the same dataset). The pair is
-labelled ``reason`` with its best rationale when that rationale's delta exceeds the margin, else
+labelled ``reason`` with its best rationale when that rationale's utility exceeds the margin, else
 ``direct``. Rationales that imitate reasoning without helping the match ("format only") or
 that mislead it (a misread digit, an arithmetic slip) are dropped.
+
+The utility is delta in nats (``utility="logprob"``) or the gain in probability,
+p(t+ | q, r) - p(t+ | q) (``utility="prob"``). Both are computed and stored; the config says
+which one the margin applies to. The log scale magnifies changes deep in the tail (0.01 -> 0.03
+is 1.1 nats, with the positive still far from first) and caps what a rationale can show where
+the direct match is already likely (p = 0.7 allows at most 0.36 nats); the probability gain
+weighs a change by how much it moves the positive's chance of being the match.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -33,9 +41,13 @@ from ..model.prompts import render_prompt
 from ..model.teacher_forcing import build_forced_batch, forced_forward, rationale_ids
 
 
+UTILITIES = ("logprob", "prob")
+
+
 @dataclass
 class SelectionConfig:
     margin: float = 0.0
+    utility: str = "logprob"  # what the margin applies to: logprob (delta, nats) | prob (gain in p(t+))
     temperature: float = 0.02  # the contrastive temperature the model was trained with
     sampled_negatives: int = 16  # positives of other pairs (same dataset) added to each candidate set
     queries_per_batch: int = 16
@@ -48,6 +60,8 @@ def select(embedder: Embedder, pairs: Sequence[Pair], rationales: dict[str, list
            config: SelectionConfig | None = None, show_progress: bool = True) -> dict:
     """Score every pair's candidate rationales and append one row per pair to ``out`` (resumable)."""
     cfg = config or SelectionConfig()
+    if cfg.utility not in UTILITIES:
+        raise ValueError(f"selection utility must be one of {', '.join(UTILITIES)}, not {cfg.utility!r}")
     out = Path(out)
     done = {r["pair_id"] for r in iter_jsonl(out)} if out.exists() else set()
     todo = [p for p in pairs if p.id not in done and rationales.get(p.id)]
@@ -136,20 +150,28 @@ def score_chunk(embedder: Embedder, chunk: Sequence[Pair], rationales: dict[str,
         k += 1
         cands = []
         for row in rationales[pair.id]:
-            entry = {"teacher": row["teacher"], "k": row["k"], "delta": scores[k] - s_direct, "text": row["text"]}
+            entry = {"teacher": row["teacher"], "k": row["k"], "delta": scores[k] - s_direct,
+                     "gain": math.exp(scores[k]) - math.exp(s_direct), "text": row["text"]}
             if "type" in row:
                 entry["type"] = row["type"]
             cands.append(entry)
             k += 1
-        best = max(cands, key=lambda c: c["delta"])
-        reason = best["delta"] > cfg.margin
+        verdict = {"utility": cfg.utility, "margin": cfg.margin}
+        best = max(cands, key=lambda c: utility(verdict, c))
+        reason = utility(verdict, best) > cfg.margin
         rows.append({
             "pair_id": pair.id, "dataset": pair.dataset, "kind": pair.meta.get("kind"),
             "s_direct": s_direct, "label": "reason" if reason else "direct",
             "rationale": best["text"] if reason else None, "rationale_teacher": best["teacher"] if reason else None,
-            "delta": best["delta"], "margin": cfg.margin, "candidates": cands,
+            "delta": best["delta"], **verdict, "candidates": cands,
         })
     return rows
+
+
+def utility(row: dict, candidate: dict) -> float:
+    """The candidate's utility in the units the row's margin is in (rows written before the
+    ``utility`` field existed used delta)."""
+    return candidate["gain"] if row.get("utility") == "prob" else candidate["delta"]
 
 
 def labelled_pairs(pairs: Sequence[Pair], selection_path: str | Path) -> list[Pair]:
@@ -166,18 +188,18 @@ def labelled_pairs(pairs: Sequence[Pair], selection_path: str | Path) -> list[Pa
 
 def kept_counts(rows: Iterable[dict], key: Callable[[dict, dict], Any]) -> dict[Any, list[int]]:
     """[kept, candidates] per group, ``key(pair_row, candidate)`` naming each candidate's group; kept
-    means delta > margin."""
+    means utility > margin."""
     counts: dict[Any, list[int]] = {}
     for r in rows:
         for c in r["candidates"]:
             n = counts.setdefault(key(r, c), [0, 0])
-            n[0] += c["delta"] > r["margin"]
+            n[0] += utility(r, c) > r["margin"]
             n[1] += 1
     return counts
 
 
 def kept_shares(selection_path: str | Path) -> dict:
-    """Per task kind and rationale type: the share of candidate rationales whose delta > margin."""
+    """Per task kind and rationale type: the share of candidate rationales whose utility > margin."""
     counts = kept_counts(iter_jsonl(selection_path), lambda r, c: (r.get("kind") or "all", c.get("type", "unknown")))
     shares: dict[str, dict[str, float]] = {}
     for (kind, typ), (kept, total) in sorted(counts.items()):
@@ -185,10 +207,10 @@ def kept_shares(selection_path: str | Path) -> dict:
     return shares
 
 
-def deltas_by_type(rows: Iterable[dict]) -> dict[str, np.ndarray]:
-    """Candidate deltas grouped as "<task kind>/<rationale type>"."""
+def utilities_by_type(rows: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Candidate utilities grouped as "<task kind>/<rationale type>"."""
     groups: dict[str, list[float]] = {}
     for r in rows:
         for c in r["candidates"]:
-            groups.setdefault(f"{r.get('kind') or 'all'}/{c.get('type', 'unknown')}", []).append(c["delta"])
+            groups.setdefault(f"{r.get('kind') or 'all'}/{c.get('type', 'unknown')}", []).append(utility(r, c))
     return {k: np.array(v) for k, v in groups.items()}

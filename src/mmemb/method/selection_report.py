@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import atomic_write_text, iter_jsonl
-from .selection import deltas_by_type, kept_counts
+from .selection import kept_counts, utilities_by_type
 
 
 def write_selection_report(selection_path: str | Path, out_prefix: str | Path) -> None:
@@ -15,7 +15,7 @@ def write_selection_report(selection_path: str | Path, out_prefix: str | Path) -
     out_prefix = Path(out_prefix)
     margin = rows[0]["margin"] if rows else 0.0
     lines = ["# Counterfactual selection", "",
-             f"{len(rows)} pairs; a rationale is kept where delta = s(r) - s(no rationale) > margin = {margin}.", ""]
+             f"{len(rows)} pairs; a rationale is kept where {utility_label(rows)} > margin = {margin}.", ""]
 
     def table(title: str, key) -> None:
         groups = kept_counts(rows, key)
@@ -41,14 +41,20 @@ def write_selection_report(selection_path: str | Path, out_prefix: str | Path) -
     plot_deltas(rows, out_prefix.with_suffix(".png"), margin)
 
 
+def utility_label(rows: list[dict]) -> str:
+    if rows and rows[0].get("utility") == "prob":
+        return "gain = p(t+ | q, r) - p(t+ | q)"
+    return "delta = s(r) - s(no rationale) [nats]"
+
+
 def plot_deltas(rows: list[dict], png: str | Path, margin: float) -> None:
-    """Histograms of the candidates' deltas by rationale type, one panel per task kind."""
+    """Histograms of the candidates' utilities by rationale type, one panel per task kind."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = deltas_by_type(rows)
+    groups = utilities_by_type(rows)
     kinds = sorted({k.split("/")[0] for k in groups})
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
@@ -61,8 +67,8 @@ def plot_deltas(rows: list[dict], png: str | Path, margin: float) -> None:
             if k.startswith(kind + "/"):
                 ax.hist(np.clip(v, lo, hi), bins=bins, alpha=0.5, label=k.split("/", 1)[1], density=True)
         ax.axvline(margin, color="black", linestyle="--", linewidth=1, label=f"margin {margin}")
-        ax.set_title(f"{kind} tasks: utility delta by rationale type")
-        ax.set_xlabel("delta = s(r) - s(no rationale)  [nats]")
+        ax.set_title(f"{kind} tasks: utility by rationale type")
+        ax.set_xlabel(utility_label(rows))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -18,6 +18,9 @@ import yaml
 from ..train.config import ConfigError, parse_override, set_dotted
 
 
+ABLATIONS = ("no_selection", "no_rl", "rl_no_cost", "rl_delta", "gate_alone", "rl_depth")
+
+
 def _lm_only() -> dict[str, float]:
     return {"lm": 1.0, "reason_nce": 0.0, "direct_nce": 0.0, "decision": 0.0}
 
@@ -66,7 +69,9 @@ class PipelineConfig:
     warmup: dict[str, Any] = field(default_factory=lambda: {
         "max_steps": 100, "lr": 2.0e-4, "warmup_steps": 10,
         "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 0.0}})
-    select: dict[str, Any] = field(default_factory=lambda: {"margin": 0.5, "sampled_negatives": 16})
+    # Scored by the pretrained model (scorer: start): the warm-up model, trained on every candidate,
+    # learns to discount what a rationale says and keeps too few faithful ones (README, Results).
+    select: dict[str, Any] = field(default_factory=lambda: {"margin": 1.0, "sampled_negatives": 16, "scorer": "start"})
     joint: dict[str, Any] = field(default_factory=lambda: {
         "max_steps": 600, "loss": {"reason_nce": 1.0, "lm": 1.0, "direct_nce": 1.0, "decision": 1.0}})
     # The "blind reasoning" ablation: joint training on all candidates, no selection (off in the demo).
@@ -80,9 +85,21 @@ class PipelineConfig:
         "steps": 80, "queries_per_step": 16, "group_size": 8, "lr": 1.0e-4, "max_reasoning_tokens": 64,
         "cost": 0.1, "beta": 0.04, "save_every": 20})
     gate: dict[str, Any] = field(default_factory=lambda: {"epochs": 6, "batch_size": 64, "lr": 1.0e-3})
+    # The paper's ablations (off in the demo; `mmemb demo --ablations` turns every one on, with
+    # blind.enabled). Each adds a system to the evaluation and a row to the report's ablation table:
+    #   no_selection  GRPO, as the method runs it, from the blind model (no counterfactual selection)
+    #   no_rl         the joint model deciding by its own p(<think>) (no GRPO)
+    #   rl_no_cost    GRPO without the token-cost term (rl.cost = 0)
+    #   rl_delta      GRPO rewarded by the paper's utility gap delta = s(chosen) - s(direct) (rl.reward = delta)
+    #   gate_alone    the plug-in gate on the joint model (no GRPO)
+    #   rl_depth      GRPO choosing the reasoning depth too (rl.depth = true; beyond the paper)
+    ablations: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(ABLATIONS, False))
     eval: dict[str, Any] = field(default_factory=lambda: {
         "split": "test", "max_reasoning_tokens": 64, "think_threshold": 0.5, "batch_size": 64,
         "sweep": [0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98]})
+    # Encode-time ratios of the four systems: a sample of test queries (spread over the tasks) encoded
+    # by each system in alternation, `rounds` rounds; the median per-round ratio to the direct model.
+    timing: dict[str, Any] = field(default_factory=lambda: {"queries": 96, "rounds": 5})
 
     def stage_train(self, stage: str) -> dict[str, Any]:
         """The trainer overrides of a training stage: the shared section, then the stage's."""
@@ -97,7 +114,7 @@ class PipelineConfig:
 
 # Smaller everything: every stage runs, on a slice, in about three minutes (the test suite runs it).
 QUICK = {
-    "build": {"train_pairs": 600, "val_queries": 4, "test_queries": 16},
+    "build": {"train_pairs": 600, "val_queries": 4, "test_queries": 8},
     "method_pairs": 96,
     "pretrain_processes": 1,
     "train": {"batch_size": 16, "save_every": 0, "log_every": 5, "warmup_steps": 2},
@@ -108,6 +125,7 @@ QUICK = {
     "rl": {"steps": 2, "queries_per_step": 4, "group_size": 4, "max_reasoning_tokens": 16, "save_every": 1},
     "gate": {"epochs": 2},
     "eval": {"max_reasoning_tokens": 16, "sweep": [0.1, 0.5, 0.9]},
+    "timing": {"queries": 12, "rounds": 2},
 }
 
 
@@ -129,6 +147,9 @@ def load_pipeline_config(path: str | Path | None = None, overrides: Sequence[str
     for key, value in values.items():
         if value is not None:
             raw[key] = value
+    unknown = sorted(set(raw["ablations"]) - set(ABLATIONS))
+    if unknown:
+        raise ConfigError(f"unknown ablation(s) {', '.join(unknown)}; known: {', '.join(ABLATIONS)}")
     return PipelineConfig(**raw)
 
 

@@ -21,9 +21,16 @@ from .layout import Run, task_kinds
 SYSTEMS = ("direct", "always", "adaptive", "gate")
 LABELS = {"direct": "direct-only model (same training budget)", "always": "always reason",
           "adaptive": "adaptive (RL policy)", "gate": "adaptive (gate)"}
+# The paper's ablations (pipeline `ablations.<name>=true`), each against the full method (adaptive).
+ABLATION_SYSTEMS = {"no_selection": "no counterfactual selection (blind model, then the same GRPO)",
+                    "no_rl": "no RL: the joint model's own p(<think>) >= threshold",
+                    "rl_no_cost": "GRPO without the token-cost term",
+                    "rl_delta": "GRPO rewarded by the paper's utility gap δ = s(chosen) − s(direct)",
+                    "gate_alone": "the plug-in gate alone (joint model, no RL)",
+                    "rl_depth": "GRPO choosing the depth too (learned budget)"}
 # The selection ablation (pipeline `blind.enabled=true`): the joint model against one trained on
 # all candidate rationales, each in both modes, before RL.
-ABLATIONS = {"joint_reason": "joint, selected rationales: reason mode",
+BEFORE_RL = {"joint_reason": "joint, selected rationales: reason mode",
              "joint_direct": "joint, selected rationales: direct mode",
              "blind_reason": "blind, all rationales: reason mode",
              "blind_direct": "blind, all rationales: direct mode"}
@@ -34,26 +41,34 @@ def build_report(run: Run) -> dict[str, Any]:
     summaries = {name: read_json(run.root / "eval" / name / "summary.json") for name in SYSTEMS}
     report: dict[str, Any] = {"seed": run.cfg.seed, "seconds": round(_wall_seconds(run), 1), "tasks": kinds,
                               "systems": {}, "selection": {"kept": _kept(run)}}
+    timing = read_json(run.root / "timing.json")
     for name, s in summaries.items():
-        tasks = s["tasks"]
-        report["systems"][name] = {
-            "hit1": {t: tasks[t]["main"] for t in kinds},
-            "hit1_overall": s["overall"]["main"],
-            "invocation": {t: tasks[t]["invocation_ratio"] for t in kinds},
-            "generated_tokens_per_query": s["overall"]["generated_tokens_per_query"],
-            "seconds_per_query": s["overall"]["seconds_per_query"],
-        }
-    ablations = {name: read_json(run.root / "eval" / name / "summary.json") for name in ABLATIONS
-                 if (run.root / "eval" / name / "summary.json").is_file()}
+        report["systems"][name] = _system_entry(s, kinds)
+        report["systems"][name]["encode_time_over_direct"] = timing["over_direct"][name]
+    report["timing"] = {"queries": timing["items"], "rounds": timing["rounds"]}
+    ablations = {name: _system_entry(read_json(run.root / "eval" / name / "summary.json"), kinds)
+                 for name in ABLATION_SYSTEMS if (run.root / "eval" / name / "summary.json").is_file()}
     if ablations:
+        report["ablations"] = ablations
+    before_rl = {name: read_json(run.root / "eval" / name / "summary.json") for name in BEFORE_RL
+                 if (run.root / "eval" / name / "summary.json").is_file()}
+    if before_rl:
         report["ablation"] = {name: {"hit1": {t: s["tasks"][t]["main"] for t in kinds},
-                                     "hit1_overall": s["overall"]["main"]} for name, s in ablations.items()}
+                                     "hit1_overall": s["overall"]["main"]} for name, s in before_rl.items()}
     report["sweep"] = threshold_sweep(run, kinds, run.cfg.eval.get("sweep", []))
     gate_metrics = run.root / "gate_metrics.json"
     if gate_metrics.is_file():
         report["gate"] = read_json(gate_metrics)
     report["stages"] = {p.stem: read_json(p)["seconds"] for p in sorted((run.root / ".stages").glob("*.json"))}
     return report
+
+
+def _system_entry(summary: dict[str, Any], kinds: dict[str, str]) -> dict[str, Any]:
+    tasks = summary["tasks"]
+    return {"hit1": {t: tasks[t]["main"] for t in kinds}, "hit1_overall": summary["overall"]["main"],
+            "invocation": {t: tasks[t]["invocation_ratio"] for t in kinds},
+            "generated_tokens_per_query": summary["overall"]["generated_tokens_per_query"],
+            "seconds_per_query": summary["overall"]["seconds_per_query"]}
 
 
 def _kept(run: Run) -> dict[str, dict[str, float]]:
@@ -105,7 +120,7 @@ def ablation_rows(report: dict[str, Any]) -> list[tuple[str, float, float, float
     """(label, Hit@1 easy, compositional, overall) of each ablation system, then of each model routed
     by task kind (reason on compositional tasks, direct on easy ones: the best a decision could do)."""
     kinds, ab = report["tasks"], report["ablation"]
-    rows = [(ABLATIONS[n], _mean_of_kind(s, kinds, "easy"), _mean_of_kind(s, kinds, "compositional"),
+    rows = [(BEFORE_RL[n], _mean_of_kind(s, kinds, "easy"), _mean_of_kind(s, kinds, "compositional"),
              s["hit1_overall"]) for n, s in ab.items()]
     for model, label in (("joint", "joint, selected rationales"), ("blind", "blind, all rationales")):
         if f"{model}_reason" in ab and f"{model}_direct" in ab:
@@ -124,14 +139,18 @@ def _results_head(invocation: str) -> list[str]:
             "| encode time / direct |", "|---|---:|---:|---:|---:|---:|---:|"]
 
 
-def _system_values(report: dict[str, Any], name: str) -> list[float]:
-    """The results table's columns for one system: Hit@1 easy, compositional, overall and invocation
-    (in %), generated tokens per query, encode time relative to the direct-only model."""
-    s, kinds = report["systems"][name], report["tasks"]
-    base = report["systems"]["direct"]["seconds_per_query"] or 1e-9
+def _quality(s: dict[str, Any], kinds: dict[str, str]) -> list[float]:
+    """Hit@1 easy, compositional and overall and invocation (in %), generated tokens per query."""
     return [_mean_of_kind(s, kinds, "easy") * 100, _mean_of_kind(s, kinds, "compositional") * 100,
             s["hit1_overall"] * 100, float(np.mean(list(s["invocation"].values()))) * 100,
-            s["generated_tokens_per_query"], s["seconds_per_query"] / base]
+            s["generated_tokens_per_query"]]
+
+
+def _system_values(report: dict[str, Any], name: str) -> list[float]:
+    """The results table's columns for one system: :func:`_quality`, then its encode time relative to
+    the direct-only model (interleaved on the same queries: the timing stage)."""
+    s = report["systems"][name]
+    return _quality(s, report["tasks"]) + [s["encode_time_over_direct"]]
 
 
 def results_table(report: dict[str, Any]) -> str:
@@ -140,6 +159,19 @@ def results_table(report: dict[str, Any]) -> str:
         v = _system_values(report, name)
         lines.append(f"| {LABELS[name]} | " + " | ".join(f"{x:.1f}" for x in v[:5]) + f" | {v[5]:.2f} |")
     return "\n".join(lines)
+
+
+FULL_METHOD = "full method: selection, joint training, GRPO (adaptive)"
+ABLATIONS_HEAD = ["| system | Hit@1 easy | Hit@1 compositional | Hit@1 overall | invocation % | generated tokens / query |",
+                  "|---|---:|---:|---:|---:|---:|"]
+
+
+def ablation_values(report: dict[str, Any]) -> list[tuple[str, list[float]]]:
+    """(label, :func:`_quality`) of the full method, then of each ablation the run has."""
+    kinds = report["tasks"]
+    rows = [(FULL_METHOD, _quality(report["systems"]["adaptive"], kinds))]
+    rows += [(ABLATION_SYSTEMS[n], _quality(s, kinds)) for n, s in report.get("ablations", {}).items()]
+    return rows
 
 
 def _pct(x: float) -> str:
@@ -167,8 +199,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# mmemb demo report (seed {report['seed']})", "",
              f"MiniMMEB test split; the whole pipeline took {report['seconds'] / 60:.1f} minutes.", "",
              results_table(report), "",
-             "Invocation: share of queries that reasoned. Encode time: query-encoding seconds per query, "
-             "relative to the direct-only model.", "", "## Hit@1 per task", "",
+             "Invocation: share of queries that reasoned. Encode time: relative to the direct-only model, the four "
+             f"systems encoding the same {report['timing']['queries']} test queries in alternation; the median of "
+             f"{report['timing']['rounds']} rounds' ratios.", "", "## Hit@1 per task", "",
              "| task | kind | " + " | ".join(SYSTEMS) + " |", "|---|---|" + "---:|" * len(SYSTEMS)]
     for t, k in kinds.items():
         lines.append(f"| {t} | {k} | " + " | ".join(_pct(report["systems"][s]["hit1"][t]) for s in SYSTEMS) + " |")
@@ -181,6 +214,9 @@ def render_markdown(report: dict[str, Any]) -> str:
               "| kind | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
     for kind, shares in report["selection"]["kept"].items():
         lines.append(f"| {kind} | " + " | ".join(_pct(shares.get(ty, float("nan"))) for ty in types) + " |")
+    if "ablations" in report:
+        lines += ["", "## Ablations", ""] + ABLATIONS_HEAD
+        lines += [f"| {label} | " + " | ".join(f"{x:.1f}" for x in v) + " |" for label, v in ablation_values(report)]
     if "ablation" in report:
         lines += ["", "## Ablation: counterfactual selection against blind reasoning (before RL)", ""]
         lines += ABLATION_HEAD + [f"| {label} | " + " | ".join(_pct(x) for x in vals) + " |"
@@ -269,22 +305,56 @@ def plot_tradeoff(report: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def _mean_std_cells(rows: np.ndarray, decimals: list[int]) -> list[str]:
+    return [f"{m:.{d}f} ± {sd:.{d}f}" for m, sd, d in zip(rows.mean(0), rows.std(0), decimals)]
+
+
 def seeds_table(reports: list[dict[str, Any]]) -> str:
-    """The results table over several runs (seeds): mean ± std of each column."""
+    """The results table over several runs (seeds): mean ± std of each column; then each seed against
+    the method's goals, and the ablation tables where every run has them."""
     rows = []
     for name in SYSTEMS:
         a = np.array([_system_values(r, name) for r in reports])
-        cells = [f"{m:.1f} ± {d:.1f}" if i < 5 else f"{m:.2f} ± {d:.2f}"
-                 for i, (m, d) in enumerate(zip(a.mean(0), a.std(0)))]
-        rows.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
+        rows.append(f"| {LABELS[name]} | " + " | ".join(_mean_std_cells(a, [1] * 5 + [2])) + " |")
     head = _results_head("invocation %")
     seeds = ", ".join(str(r["seed"]) for r in reports)
     text = "\n".join(head + rows) + f"\n\nmean ± std over {len(reports)} seeds ({seeds})"
+    text += "\n\nEach seed against the goals:\n\n" + goals_table(reports)
+    if all("ablations" in r for r in reports):
+        per_run = [ablation_values(r) for r in reports]
+        lines = [f"| {label} | " + " | ".join(_mean_std_cells(np.array([run[i][1] for run in per_run]), [1] * 5)) + " |"
+                 for i, (label, _) in enumerate(per_run[0])]
+        text += "\n\nAblations:\n\n" + "\n".join(ABLATIONS_HEAD + lines)
     if all("ablation" in r for r in reports):  # runs made with the blind stage
         per_run = [ablation_rows(r) for r in reports]
         lines = []
         for i, (label, *_) in enumerate(per_run[0]):
             a = np.array([run[i][1:] for run in per_run]) * 100
-            lines.append(f"| {label} | " + " | ".join(f"{m:.1f} ± {d:.1f}" for m, d in zip(a.mean(0), a.std(0))) + " |")
+            lines.append(f"| {label} | " + " | ".join(_mean_std_cells(a, [1] * 3)) + " |")
         text += "\n\nAblation, before RL:\n\n" + "\n".join(ABLATION_HEAD + lines)
     return text
+
+
+# The per-seed goals (README, Results): name, how it is computed from one report, the bound.
+GOALS = ["adaptive overall − max(direct-only, always) ≥ 5", "adaptive easy − direct-only easy ≥ −0.5",
+         "adaptive compositional − always compositional ≥ −0.5", "faithful compositional kept % ≥ 90",
+         "format-only compositional dropped % ≥ 90"]
+BOUNDS = [5.0, -0.5, -0.5, 90.0, 90.0]
+
+
+def goal_values(report: dict[str, Any]) -> list[float]:
+    v = {name: _system_values(report, name) for name in ("direct", "always", "adaptive")}
+    kept = report["selection"]["kept"].get("compositional", {})
+    return [v["adaptive"][2] - max(v["direct"][2], v["always"][2]), v["adaptive"][0] - v["direct"][0],
+            v["adaptive"][1] - v["always"][1], 100 * kept.get("faithful", float("nan")),
+            100 * (1 - kept.get("format_only", float("nan")))]
+
+
+def goals_table(reports: list[dict[str, Any]]) -> str:
+    lines = ["| seed | " + " | ".join(GOALS) + " |", "|---|" + "---:|" * len(GOALS)]
+    for r in reports:
+        cells = [f"{x:.1f} {'✓' if x >= bound else '✗'}" for x, bound in zip(goal_values(r), BOUNDS)]
+        lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
+    spread = float(np.std([r["systems"]["adaptive"]["hit1_overall"] * 100 for r in reports]))
+    lines += ["", f"std of adaptive overall over the seeds: {spread:.1f} {'✓' if spread <= 3 else '✗'} (goal ≤ 3)"]
+    return "\n".join(lines)

@@ -1,7 +1,9 @@
 """Running the stages in order: skipped when done, redone on --force, the baseline beside the chain.
 
 A stage is done when its marker ``.stages/<stage>.json`` exists (written last, with its wall
-time). ``--force STAGE`` removes the markers and outputs of that stage and of every stage that
+time) and, for a stage whose work depends on switches (the ablations, the systems evaluated), was
+written under the same switches: `mmemb demo --ablations` on a finished demo run trains and
+evaluates just the ablations. ``--force STAGE`` removes the markers and outputs of that stage and of every stage that
 depends on it (directly or not), so nothing stale survives and nothing else is redone.
 The direct-only baseline needs only the pretrained model, so it is started in a second process
 (one core) as soon as pretraining is done, while the main chain goes on here on the other core.
@@ -23,7 +25,7 @@ import yaml
 from ..fileio import read_json, write_json
 from .config import PipelineConfig
 from .layout import Run
-from .stages import DEPENDS, OUTPUTS, STAGES
+from .stages import DEPENDS, OUTPUTS, SCOPES, STAGES
 
 ORDER = list(STAGES)
 
@@ -33,7 +35,10 @@ def marker(run: Run, stage: str) -> Path:
 
 
 def is_done(run: Run, stage: str) -> bool:
-    return marker(run, stage).is_file()
+    path = marker(run, stage)
+    if not path.is_file():
+        return False
+    return stage not in SCOPES or read_json(path).get("scope") == SCOPES[stage](run)
 
 
 def dependents(stage: str) -> list[str]:
@@ -93,7 +98,10 @@ def _run_stage(run: Run, stage: str) -> None:
     start = time.perf_counter()
     STAGES[stage](run)
     seconds = time.perf_counter() - start
-    write_json(marker(run, stage), {"stage": stage, "seconds": round(seconds, 2), "finished": time.time()})
+    done = {"stage": stage, "seconds": round(seconds, 2), "finished": time.time()}
+    if stage in SCOPES:
+        done["scope"] = SCOPES[stage](run)
+    write_json(marker(run, stage), done)
     print(f"[mmemb] {stage}: {seconds:.1f}s", flush=True)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..data.pairs import read_pairs
 from ..fileio import write_json
@@ -135,9 +135,12 @@ def stage_select(run: Run) -> None:
     from ..method.selection_report import write_selection_report
 
     opts = dict(run.cfg.select)
+    scorer = opts.pop("scorer", "warmup")
+    if scorer not in ("warmup", "start"):
+        raise ValueError(f"select.scorer must be warmup or start, not {scorer!r}")
     opts.setdefault("temperature", run.cfg.stage_train("joint")["loss"]["temperature"])
     opts.setdefault("seed", run.cfg.seed)
-    select(run.load(run.model("warmup")), run.subset(),
+    select(run.load(run.model("warmup") if scorer == "warmup" else run.start_model), run.subset(),
            load_rationales(run.root / "rationales.jsonl"), run.root / "selection.jsonl", SelectionConfig(**opts))
     write_selection_report(run.root / "selection.jsonl", run.root / "selection")
 
@@ -153,8 +156,10 @@ def stage_blind(run: Run) -> None:
     """The ablation: joint training on all candidate rationales, without selection."""
     from ..method.rationales import load_rationales
 
-    if not run.cfg.blind.get("enabled"):
+    if not (run.cfg.blind.get("enabled") or run.cfg.ablations.get("no_selection")):
         return
+    if (run.model("blind") / "config.json").is_file():
+        return  # trained under an earlier switch (see SCOPES)
     pairs = candidate_pairs(run.subset(), load_rationales(run.root / "rationales.jsonl"), run.cfg.seed + 1)
     steps = run.cfg.stage_train("joint")["max_steps"]
     train_stage(run, "blind", run.model("warmup"), run.write_pairs("blind", pairs), extra={"max_steps": steps})
@@ -174,39 +179,85 @@ def stage_baseline(run: Run) -> None:
 
 
 def stage_rl(run: Run) -> None:
+    train_rl(run, run.model("joint"), run.root / "rl")
+
+
+def train_rl(run: Run, start: Path, out: Path, **overrides) -> Path:
+    """GRPO from ``start`` into ``out`` with the recipe's settings, ``overrides`` on top."""
     from ..method.grpo import RLConfig, run_rl
 
     opts = dict(run.cfg.rl)
+    opts.update(overrides)
     opts.setdefault("device", run.cfg.device)
     opts.setdefault("dtype", run.cfg.dtype)
-    cfg = RLConfig(model=str(run.model("joint")), out=str(run.root / "rl"),
-                   data=[str(run.pairs_dir("subset") / "*.jsonl")], seed=run.cfg.seed,
+    cfg = RLConfig(model=str(start), out=str(out), data=[str(run.pairs_dir("subset") / "*.jsonl")], seed=run.cfg.seed,
                    reward_temperature=run.cfg.stage_train("joint")["loss"]["temperature"], **opts)
-    run_rl(cfg)
+    return run_rl(cfg)
 
 
 def stage_gate(run: Run) -> None:
+    train_gate_on(run, run.model("rl"), run.root / "gate", run.root / "gate_metrics.json")
+
+
+def train_gate_on(run: Run, model: Path, out: Path, metrics_path: Path) -> None:
+    """The plug-in gate on ``model``'s layer-0 features, trained on the selection's labels."""
     from ..method.gate_training import GateTrainConfig, train_gate
     from ..model.backbone import load_backbone
 
-    pairs = run.read_pairs("joint")
-    gate, metrics = train_gate(load_backbone(run.model("rl"), device=run.cfg.device, dtype=run.cfg.dtype), pairs,
+    gate, metrics = train_gate(load_backbone(model, device=run.cfg.device, dtype=run.cfg.dtype), run.read_pairs("joint"),
                                GateTrainConfig(seed=run.cfg.seed, **run.cfg.gate), show_progress=True)
-    gate.save(run.root / "gate")
-    write_json(run.root / "gate_metrics.json", metrics)
+    gate.save(out)
+    write_json(metrics_path, metrics)
 
 
-def systems(run: Run) -> dict[str, tuple[Path, str, bool]]:
-    """name -> (model, query mode, with the plug-in gate)."""
-    out = {"direct": (run.model("baseline"), "direct", False), "always": (run.model("rl"), "reason", False),
-           "adaptive": (run.model("rl"), "auto", False), "gate": (run.model("rl"), "auto", True),
-           "final_direct": (run.model("rl"), "direct", False)}
+# Each GRPO ablation: where it starts and what it changes in the recipe's `rl` section.
+RL_ABLATIONS: dict[str, tuple[str, dict]] = {
+    "no_selection": ("blind", {}), "rl_no_cost": ("joint", {"cost": 0.0}), "rl_delta": ("joint", {"reward": "delta"}),
+    "rl_depth": ("joint", {"depth": True}),
+}
+
+
+def stage_ablations(run: Run) -> None:
+    """The enabled ablations' models in ``ablations/<name>/``; each is skipped when it is there."""
+    root = run.root / "ablations"
+    for name, (start, overrides) in RL_ABLATIONS.items():
+        if run.cfg.ablations.get(name) and not (root / name / "model" / "config.json").is_file():
+            print(f"[mmemb] ablations: {name} (GRPO from {start}, {overrides or 'the same recipe'})", flush=True)
+            train_rl(run, run.model(start), root / name, **overrides)
+    if run.cfg.ablations.get("gate_alone") and not (root / "gate_alone" / "gate").is_dir():
+        print("[mmemb] ablations: gate_alone (the plug-in gate on the joint model)", flush=True)
+        train_gate_on(run, run.model("joint"), root / "gate_alone" / "gate", root / "gate_alone" / "gate_metrics.json")
+
+
+def systems(run: Run) -> dict[str, tuple[Path, str, Path | None]]:
+    """name -> (model, query mode, plug-in gate folder or None); systems of one model side by side."""
+    rl, joint, gate = run.model("rl"), run.model("joint"), run.root / "gate"
+    out = {"direct": (run.model("baseline"), "direct", None), "always": (rl, "reason", None),
+           "adaptive": (rl, "auto", None), "gate": (rl, "auto", gate), "final_direct": (rl, "direct", None)}
     if run.cfg.blind.get("enabled"):
-        out.update({"joint_reason": (run.model("joint"), "reason", False),
-                    "joint_direct": (run.model("joint"), "direct", False),
-                    "blind_reason": (run.model("blind"), "reason", False),
-                    "blind_direct": (run.model("blind"), "direct", False)})
+        out.update({"joint_reason": (joint, "reason", None), "joint_direct": (joint, "direct", None),
+                    "blind_reason": (run.model("blind"), "reason", None),
+                    "blind_direct": (run.model("blind"), "direct", None)})
+    on = run.cfg.ablations
+    if on.get("no_rl"):
+        out["no_rl"] = (joint, "auto", None)
+    if on.get("gate_alone"):
+        out["gate_alone"] = (joint, "auto", run.root / "ablations" / "gate_alone" / "gate")
+    for name in RL_ABLATIONS:
+        if on.get(name):
+            out[name] = (run.root / "ablations" / name / "model", "auto", None)
     return out
+
+
+def timing_sample(run: Run, n: int) -> list:
+    """About ``n`` test queries, the first of each evaluation task in equal shares."""
+    from ..data.loaders import load_task
+    from ..data.mmeb import resolve_tasks
+
+    data = run.cfg.eval_data or str(run.benchmark)
+    infos = resolve_tasks(run.cfg.eval_tasks, data)
+    per_task = max(1, n // len(infos))
+    return [q for info in infos for q in load_task(info, data, run.cfg.eval.get("split", "test")).queries[:per_task]]
 
 
 def stage_eval(run: Run) -> None:
@@ -217,14 +268,38 @@ def stage_eval(run: Run) -> None:
     opts = {k: v for k, v in run.cfg.eval.items() if k != "sweep"}
     data = run.cfg.eval_data or str(run.benchmark)
     loaded: dict[Path, Embedder] = {}  # systems of one model share its weights (loaded once)
-    for name, (model, mode, gated) in systems(run).items():
+    for name, (model, mode, gate) in systems(run).items():
         if model not in loaded:
             loaded = {model: run.load(model)}  # one model in memory at a time
         base = loaded[model]
-        embedder = Embedder(base.backbone, gate=load_gate(run.root / "gate") if gated else None,
-                            max_image_pixels=base.max_image_pixels)
+        embedder = Embedder(base.backbone, gate=load_gate(gate) if gate else None, max_image_pixels=base.max_image_pixels)
         evaluate(embedder, run.cfg.eval_tasks, run.root / "eval" / name, mode=mode, data=data,
                  cache_dir=str(run.root / "eval" / ".cache"), **opts)
+
+
+def stage_timing(run: Run) -> None:
+    """The four systems' encode times on one query sample, interleaved (see mmemb.eval.timing)."""
+    from ..eval.runner import EvalConfig
+    from ..eval.timing import encode_time_ratios
+    from ..model.embedder import Embedder
+    from ..model.gate import load_gate
+
+    encode = EvalConfig(**{k: v for k, v in run.cfg.eval.items() if k != "sweep"})
+    loaded: dict[Path, Embedder] = {}
+    timed, every = {}, systems(run)
+    for name in TIMED:
+        model, mode, gate = every[name]
+        if model not in loaded:
+            loaded[model] = run.load(model)
+        base = loaded[model]
+        embedder = Embedder(base.backbone, gate=load_gate(gate) if gate else None, max_image_pixels=base.max_image_pixels)
+        timed[name] = (embedder, encode.encode_kwargs(mode))
+    queries = timing_sample(run, int(run.cfg.timing["queries"]))
+    result = encode_time_ratios(timed, queries, "direct", rounds=int(run.cfg.timing["rounds"]))
+    write_json(run.root / "timing.json", result)
+
+
+TIMED = ("direct", "always", "adaptive", "gate")  # the systems of the report's results table
 
 
 def stage_report(run: Run) -> None:
@@ -241,16 +316,26 @@ def stage_report(run: Run) -> None:
 STAGES: dict[str, Callable[[Run], None]] = {
     "data": stage_data, "backbone": stage_backbone, "pretrain_lm": stage_pretrain_lm, "pretrain": stage_pretrain,
     "rationales": stage_rationales, "warmup": stage_warmup, "select": stage_select, "joint": stage_joint,
-    "blind": stage_blind, "rl": stage_rl, "gate": stage_gate, "baseline": stage_baseline, "eval": stage_eval,
-    "report": stage_report,
+    "blind": stage_blind, "rl": stage_rl, "gate": stage_gate, "ablations": stage_ablations, "baseline": stage_baseline,
+    "eval": stage_eval, "timing": stage_timing, "report": stage_report,
+}
+
+# The switches a stage's work depends on, recorded in its marker: where they differ from the run's
+# (an ablation turned on), the stage runs again; each of these skips or resumes the work it has.
+SCOPES: dict[str, Callable[[Run], Any]] = {
+    "blind": lambda run: bool(run.cfg.blind.get("enabled") or run.cfg.ablations.get("no_selection")),
+    "ablations": lambda run: sorted(name for name, on in run.cfg.ablations.items() if on),
+    "eval": lambda run: sorted(systems(run)),
+    "report": lambda run: sorted(systems(run)),
 }
 
 # What each stage reads from earlier stages: --force STAGE redoes it and everything that depends on it.
 DEPENDS: dict[str, list[str]] = {
     "data": [], "backbone": [], "pretrain_lm": ["data", "backbone"], "pretrain": ["pretrain_lm"],
     "rationales": ["data", "pretrain"], "warmup": ["rationales"], "select": ["warmup"], "joint": ["select"],
-    "blind": ["warmup"], "rl": ["joint"], "gate": ["rl", "joint"], "baseline": ["pretrain", "rationales"],
-    "eval": ["rl", "gate", "baseline", "blind", "joint"], "report": ["eval", "select"],
+    "blind": ["warmup"], "rl": ["joint"], "gate": ["rl", "joint"], "ablations": ["joint", "blind"],
+    "baseline": ["pretrain", "rationales"], "eval": ["rl", "gate", "baseline", "blind", "joint", "ablations"],
+    "timing": ["rl", "gate", "baseline"], "report": ["eval", "select", "timing"],
 }
 
 # What each stage leaves behind (removed by --force so the stage really runs again).
@@ -259,6 +344,6 @@ OUTPUTS: dict[str, list[str]] = {
     "pretrain": ["pretrain"], "rationales": ["rationales.jsonl", "pairs/subset"],
     "warmup": ["warmup", "pairs/warmup"], "select": ["selection.jsonl", "selection"],
     "joint": ["joint", "pairs/joint"], "blind": ["blind", "pairs/blind"], "rl": ["rl"],
-    "gate": ["gate", "gate_metrics.json"], "baseline": ["baseline", "pairs/baseline"], "eval": ["eval"],
-    "report": ["report.md", "report.json", "report"],
+    "gate": ["gate", "gate_metrics.json"], "ablations": ["ablations"], "baseline": ["baseline", "pairs/baseline"],
+    "eval": ["eval"], "timing": ["timing.json"], "report": ["report.md", "report.json", "report"],
 }
