@@ -260,19 +260,28 @@ def timing_sample(run: Run, n: int) -> list:
     return [q for info in infos for q in load_task(info, data, run.cfg.eval.get("split", "test")).queries[:per_task]]
 
 
-def stage_eval(run: Run) -> None:
-    from ..eval.runner import evaluate
+def system_embedder(run: Run, loaded: dict, model: Path, gate: Path | None, keep: int):
+    """The embedder of one system: its model's weights, shared by the systems of that model (kept in
+    ``loaded``, at most ``keep`` models in memory), with the system's plug-in gate where it has one."""
     from ..model.embedder import Embedder
     from ..model.gate import load_gate
 
+    if model not in loaded:
+        while len(loaded) >= keep:
+            loaded.pop(next(iter(loaded)))
+        loaded[model] = run.load(model)
+    base = loaded[model]
+    return Embedder(base.backbone, gate=load_gate(gate) if gate else None, max_image_pixels=base.max_image_pixels)
+
+
+def stage_eval(run: Run) -> None:
+    from ..eval.runner import evaluate
+
     opts = {k: v for k, v in run.cfg.eval.items() if k != "sweep"}
     data = run.cfg.eval_data or str(run.benchmark)
-    loaded: dict[Path, Embedder] = {}  # systems of one model share its weights (loaded once)
-    for name, (model, mode, gate) in systems(run).items():
-        if model not in loaded:
-            loaded = {model: run.load(model)}  # one model in memory at a time
-        base = loaded[model]
-        embedder = Embedder(base.backbone, gate=load_gate(gate) if gate else None, max_image_pixels=base.max_image_pixels)
+    loaded: dict = {}
+    for name, (model, mode, gate) in systems(run).items():  # systems of one model are listed together
+        embedder = system_embedder(run, loaded, model, gate, keep=1)
         evaluate(embedder, run.cfg.eval_tasks, run.root / "eval" / name, mode=mode, data=data,
                  cache_dir=str(run.root / "eval" / ".cache"), **opts)
 
@@ -281,19 +290,13 @@ def stage_timing(run: Run) -> None:
     """The four systems' encode times on one query sample, interleaved (see mmemb.eval.timing)."""
     from ..eval.runner import EvalConfig
     from ..eval.timing import encode_time_ratios
-    from ..model.embedder import Embedder
-    from ..model.gate import load_gate
 
     encode = EvalConfig(**{k: v for k, v in run.cfg.eval.items() if k != "sweep"})
-    loaded: dict[Path, Embedder] = {}
+    loaded: dict = {}
     timed, every = {}, systems(run)
-    for name in TIMED:
+    for name in TIMED:  # timed in alternation: every system's model in memory at once
         model, mode, gate = every[name]
-        if model not in loaded:
-            loaded[model] = run.load(model)
-        base = loaded[model]
-        embedder = Embedder(base.backbone, gate=load_gate(gate) if gate else None, max_image_pixels=base.max_image_pixels)
-        timed[name] = (embedder, encode.encode_kwargs(mode))
+        timed[name] = (system_embedder(run, loaded, model, gate, keep=len(TIMED)), encode.encode_kwargs(mode))
     queries = timing_sample(run, int(run.cfg.timing["queries"]))
     result = encode_time_ratios(timed, queries, "direct", rounds=int(run.cfg.timing["rounds"]))
     write_json(run.root / "timing.json", result)
